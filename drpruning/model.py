@@ -1,0 +1,141 @@
+"""The Composer model: a stock HF Llama/Qwen2 causal LM, optionally with L0 pruning masks.
+
+Registered in LLM-Foundry as `drpruning_causal_lm`. With an `l0_module` block it prunes toward a target
+shape; without one it is a plain causal LM (continued pretraining) that still reports per-domain loss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from llmfoundry.models.hf.hf_causal_lm import ComposerHFCausalLM
+from torch import Tensor
+from transformers import PreTrainedTokenizerBase
+
+from drpruning.masks import L0Module
+from drpruning.prunable import make_prunable
+from drpruning.shapes import ModelShape
+
+IGNORE_INDEX = -100
+
+
+class DomainStats:
+    """Summed token cross-entropy and target-token counts per domain, since the last `take`.
+
+    Kept on the batch's device and grown on demand, so the model needs no domain list; the scheduler
+    says how many domains it expects when it takes the totals (and learns of any id out of range).
+    """
+
+    def __init__(self) -> None:
+        self.loss_sum: Tensor | None = None
+        self.tokens: Tensor | None = None
+
+    @torch.no_grad()
+    def add(self, domain: Tensor, token_loss: Tensor, token_mask: Tensor) -> None:
+        """Accumulate per-sequence sums of `token_loss` [B, S] (masked by `token_mask`) by `domain` [B]."""
+        if (domain < 0).any():
+            raise ValueError(f"negative domain id in batch: {domain.tolist()}")
+        size = int(domain.max()) + 1
+        seq_loss = (token_loss.double() * token_mask).sum(-1)
+        seq_tokens = token_mask.double().sum(-1)
+        if self.loss_sum is None or self.loss_sum.device != domain.device:
+            self.loss_sum = torch.zeros(size, dtype=torch.float64, device=domain.device)
+            self.tokens = torch.zeros(size, dtype=torch.float64, device=domain.device)
+        elif self.loss_sum.numel() < size:
+            grow = size - self.loss_sum.numel()
+            self.loss_sum = F.pad(self.loss_sum, (0, grow))
+            self.tokens = F.pad(self.tokens, (0, grow))
+        self.loss_sum.index_add_(0, domain, seq_loss)
+        self.tokens.index_add_(0, domain, seq_tokens)
+
+    def take(self, num_domains: int, device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
+        """Return (loss_sum, tokens) as float64 [num_domains] and reset; zeros if nothing was seen."""
+        if self.loss_sum is None:
+            zeros = torch.zeros(num_domains, dtype=torch.float64, device=device)
+            return zeros, zeros.clone()
+        if self.loss_sum.numel() > num_domains:
+            seen = torch.nonzero(self.tokens[num_domains:]).flatten() + num_domains
+            if seen.numel():
+                raise ValueError(f"batches carried domain ids {seen.tolist()} but only {num_domains} domains exist")
+        loss_sum = F.pad(self.loss_sum, (0, max(0, num_domains - self.loss_sum.numel())))[:num_domains]
+        tokens = F.pad(self.tokens, (0, max(0, num_domains - self.tokens.numel())))[:num_domains]
+        self.loss_sum, self.tokens = None, None
+        return loss_sum, tokens
+
+
+class DRPruningCausalLM(ComposerHFCausalLM):
+    """HF causal LM + optional `L0Module` (as the child `l0_module`, so FSDP wraps it as its own unit).
+
+    yaml:
+        model:
+          name: drpruning_causal_lm
+          pretrained_model_name_or_path: <local HF dir>
+          l0_module:                       # omit for continued pretraining
+            pruning_modules: [layer, head, intermediate, hidden]
+            target: {n_layers: 24, hidden_size: 2048, n_heads: 16, n_kv_heads: 16, intermediate_size: 5504}
+            lagrangian_warmup: 640ba
+    """
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        pretrained_model_name_or_path: str,
+        l0_module: Mapping[str, Any] | None = None,
+        **kwargs: Any,
+    ):
+        super().__init__(tokenizer=tokenizer, pretrained_model_name_or_path=pretrained_model_name_or_path, **kwargs)
+        self.shape = ModelShape.from_hf_config(self.model.config)
+        self.domain_stats = DomainStats()
+        self.l0_module: L0Module | None = None
+        self._lagrangian: Tensor | None = None
+        self._pruning_stats: dict[str, Tensor] = {}
+        self.last_eval_masks: dict[str, Tensor] | None = None
+        if l0_module is not None:
+            unknown = sorted(set(l0_module) - {"pruning_modules", "target", "lagrangian_warmup", "init_log_alpha"})
+            if unknown:
+                raise ValueError(f"unknown l0_module keys {unknown}")
+            if "target" not in l0_module:
+                raise ValueError("l0_module needs a `target` shape, e.g. {n_layers: 24, hidden_size: 2048, ...}")
+            self.l0_module = L0Module(self.shape, **dict(l0_module))
+            self.mask_state = make_prunable(self.model, self.shape)
+
+    def forward(self, batch: Mapping[str, Any]) -> Any:
+        if self.l0_module is not None:
+            masks, self._lagrangian, stats = self.l0_module()
+            self.mask_state.set(masks)
+            if self.training:
+                self._pruning_stats = stats
+            else:
+                self.last_eval_masks = masks
+        # Labels are left out: `loss` computes token-level CE once, for the mean and the per-domain sums.
+        inputs = {k: v for k, v in batch.items() if k in self.model_forward_args and k != "labels"}
+        return self.model(**inputs, use_cache=False)
+
+    def loss(self, outputs: Any, batch: Mapping[str, Any]) -> dict[str, Tensor]:
+        logits = outputs["logits"]
+        targets = batch["labels"][:, 1:]
+        token_loss = F.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
+        ).view_as(targets)
+        token_mask = targets != IGNORE_INDEX
+        lm_loss = token_loss.sum() / token_mask.sum().clamp(min=1)
+        if "domain" in batch:
+            self.domain_stats.add(batch["domain"], token_loss.detach(), token_mask)
+        losses = {"total": lm_loss, "lm_loss": lm_loss.detach()}
+        if self._lagrangian is not None:
+            losses["total"] = lm_loss + self._lagrangian
+            losses["lagrangian_loss"] = self._lagrangian.detach()
+            losses.update(self._pruning_stats)
+        return losses
+
+    def pruning_stats(self) -> dict[str, float] | None:
+        """Python floats from the last training forward (None without an l0_module or before training)."""
+        if self.l0_module is None or not self._pruning_stats:
+            return None
+        stats = {k: float(v) for k, v in self._pruning_stats.items()}
+        stats["source_params"] = float(self.l0_module.source.num_params())
+        stats["target_params"] = float(self.l0_module.target.num_params())
+        return stats

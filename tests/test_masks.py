@@ -1,0 +1,153 @@
+"""Hard-concrete gates, expected size, the Lagrangian, and target validation."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from drpruning.masks import L0Module, gate_scores, sample_gates, top_k_mask
+from drpruning.shapes import ModelShape, ShapeError, target_shape
+from drpruning.tiny_models import tiny_config
+
+ALL = ("layer", "head", "intermediate", "hidden")
+
+
+@pytest.mark.parametrize(
+    "kind,overrides",
+    [("llama_mha", {}), ("llama_gqa", {"attention_bias": True, "mlp_bias": True}), ("qwen2", {}),
+     ("qwen2", {"tie_word_embeddings": False})],
+)
+def test_num_params_matches_hf_model(kind, overrides):
+    config = tiny_config(kind, **overrides)
+    shape = ModelShape.from_hf_config(config)
+    model = AutoModelForCausalLM.from_config(config)
+    assert shape.num_params() == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("kind", ["llama_gqa", "qwen2"])
+def test_expected_params_is_exact_for_binary_scores(kind):
+    config = tiny_config(kind)
+    source = ModelShape.from_hf_config(config)
+    target = {"n_layers": 3, "hidden_size": 40, "n_heads": 4, "n_kv_heads": 1, "intermediate_size": 96}
+    l0 = L0Module(source, target, ALL)
+    scores = {m: top_k_mask(torch.randn_like(p), l0.keep[m]) for m, p in l0.gates.items()}
+    dense = dataclasses.replace(source, **target)
+    brute_force = sum(p.numel() for p in AutoModelForCausalLM.from_config(
+        type(config)(**{**config.to_dict(), **dense.hf_config_updates()})).parameters())
+    assert int(l0.expected_params(scores)) == brute_force == dense.num_params()
+    assert l0.describe()["target_params"] == brute_force
+
+
+def test_gates_start_open_and_scores_match_sampling_frequency():
+    log_alpha = torch.tensor([-2.0, 0.0, 1.5, 4.6])
+    draws = torch.stack([sample_gates(log_alpha) for _ in range(20000)])
+    assert torch.allclose((draws > 0).float().mean(0), gate_scores(log_alpha), atol=0.01)
+    assert draws.min() >= 0 and draws.max() <= 1
+    source = ModelShape.from_hf_config(tiny_config("llama_gqa"))
+    l0 = L0Module(source, {"n_layers": 2}, ["layer"])
+    assert gate_scores(l0.gates["layer"]).min() > 0.99, "every gate starts open: the pruned model starts as the source"
+
+
+def test_deterministic_masks_keep_exact_counts_per_row():
+    source = ModelShape.from_hf_config(tiny_config("llama_gqa"))
+    l0 = L0Module(source, {"n_layers": 3, "hidden_size": 48, "n_heads": 4, "intermediate_size": 100}, ALL)
+    with torch.no_grad():
+        for p in l0.gates.values():
+            p.normal_()
+    masks = l0.eval().deterministic_masks()
+    assert masks["layer"].sum() == 3 and masks["hidden"].sum() == 48
+    assert (masks["head"].sum(-1) == 1).all() and (masks["intermediate"].sum(-1) == 100).all()
+    # the kept units are the highest-scoring ones
+    head_scores = l0.gates["head"]
+    assert (head_scores[masks["head"] == 1] >= head_scores.max(-1).values - 1e-6).all()
+
+
+def test_lagrangian_drives_expected_sparsity_to_target():
+    """A short real loop: masks at lr 1.0, lambdas by ascent; every module lands within 1% of its target."""
+    torch.manual_seed(0)
+    source = ModelShape.from_hf_config(tiny_config("llama_gqa"))
+    l0 = L0Module(source, {"n_layers": 3, "hidden_size": 32, "n_heads": 4, "intermediate_size": 64}, ALL,
+                  lagrangian_warmup=40).train()
+    optimizer = torch.optim.AdamW([
+        {"params": list(l0.gates.parameters()), "lr": 0.1},
+        {"params": list(l0.lambda_1.parameters()) + list(l0.lambda_2.parameters()), "lr": -0.1},
+    ], weight_decay=0.0)
+    for step in range(400):
+        l0.train_step = step
+        _, lagrangian, stats = l0()
+        optimizer.zero_grad()
+        lagrangian.backward()
+        optimizer.step()
+        l0.clamp_log_alpha_()
+    for m, target in l0.final_sparsity.items():
+        assert abs(float(stats[f"expected_sparsity/{m}"]) - target) < 0.01, (m, stats)
+
+
+def test_lambdas_ascend_while_constraint_is_violated():
+    source = ModelShape.from_hf_config(tiny_config("llama_gqa"))
+    l0 = L0Module(source, {"intermediate_size": 32}, ["intermediate"], lagrangian_warmup=0).train()
+    optimizer = torch.optim.SGD([
+        {"params": [l0.gates["intermediate"]], "lr": 1.0},
+        {"params": [l0.lambda_1["intermediate"], l0.lambda_2["intermediate"]], "lr": -0.5},
+    ])
+    l0.train_step = 0
+    lambdas = []
+    for _ in range(3):
+        _, lagrangian, stats = l0()
+        optimizer.zero_grad()
+        lagrangian.backward()
+        optimizer.step()
+        lambdas.append(float(l0.lambda_1["intermediate"]))
+    gap = float(stats["expected_sparsity/intermediate"]) - l0.final_sparsity["intermediate"]
+    assert gap < 0, "gates start open, so expected sparsity is below target"
+    # d lagrangian / d lambda_1 = gap < 0, so ascent makes lambda_1 go *down* (more negative) each step
+    assert lambdas[0] < 0 and lambdas[1] < lambdas[0] and lambdas[2] < lambdas[1]
+    assert l0.lambda_1["intermediate"].shape == (1,), "lambdas are [1], not scalars (FSDP2)"
+
+
+def test_target_warmup_is_linear():
+    source = ModelShape.from_hf_config(tiny_config("llama_gqa"))
+    l0 = L0Module(source, {"n_layers": 2}, ["layer"], lagrangian_warmup="100ba")
+    assert l0.target_sparsity(0)["layer"] == 0.0
+    assert l0.target_sparsity(50)["layer"] == pytest.approx(0.25)
+    assert l0.target_sparsity(500)["layer"] == pytest.approx(0.5)
+
+
+def test_training_without_step_says_which_callback_is_missing():
+    source = ModelShape.from_hf_config(tiny_config("llama_gqa"))
+    l0 = L0Module(source, {"n_layers": 2}, ["layer"]).train()
+    with pytest.raises(RuntimeError, match="pruning"):
+        l0()
+
+
+@pytest.mark.parametrize(
+    "target,modules,message",
+    [
+        ({"n_layers": 5}, ALL, "larger than the source"),
+        ({"hidden_size": 0}, ALL, "zero units"),
+        ({"n_heads": 6, "n_kv_heads": 2}, ALL, "query heads per KV group"),
+        ({"n_heads": 5}, ALL, "not a multiple"),
+        ({"intermediate_size": 64}, ["layer", "head"], "does not include"),
+        ({"n_layer": 2}, ALL, "unknown target keys"),
+        ({"n_layers": 2}, ["layers"], "unknown pruning_modules"),
+        ({"n_layers": 2.5}, ALL, "not an integer"),
+        ({"head_dim": 8}, ALL, "head dimension"),
+    ],
+)
+def test_bad_targets_are_rejected_with_a_clear_message(target, modules, message):
+    source = ModelShape.from_hf_config(tiny_config("llama_gqa"))
+    with pytest.raises(ShapeError, match=message):
+        target_shape(source, target, modules)
+
+
+def test_kv_heads_follow_from_heads_when_left_out():
+    source = ModelShape.from_hf_config(tiny_config("llama_gqa"))  # 8 heads / 2 KV
+    assert target_shape(source, {"n_heads": 4}, ALL).n_kv_heads == 1
+
+
+def test_unsupported_model_type_is_rejected():
+    with pytest.raises(ShapeError, match="unsupported model_type"):
+        ModelShape.from_hf_config({"model_type": "gpt2"})
