@@ -1,0 +1,119 @@
+"""The `pruning` callback: feeds the train step to the masks, keeps log alpha in range, checks that the
+optimizer trains masks and Lagrange multipliers as the method needs, and dumps deterministic masks.
+
+Registered in LLM-Foundry as `pruning`; a pruning yaml lists it as `callbacks: {pruning: {}}`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from composer.core import Callback, State
+from composer.loggers import Logger
+from composer.utils import dist
+
+from drpruning.runs import run_folder, unwrap_model, write_json
+
+OPTIMIZER_HELP = """\
+optimizer:
+  name: decoupled_adamw
+  lr: 1.0e-4
+  param_groups:
+    - {param_str_match: 'l0_module\\.lambda_', lr: -1.0, weight_decay: 0.0}   # ascent on the multipliers
+    - {param_str_match: 'l0_module\\.gates\\.', lr: 1.0, weight_decay: 0.0}"""
+
+
+class PruningCallback(Callback):
+    """Drives and records an `L0Module` training run.
+
+    Args:
+        save_masks: write `<run folder>/masks/ba<step>.pt` (deterministic masks) after every eval.
+    """
+
+    def __init__(self, save_masks: bool = True):
+        self.save_masks = save_masks
+        self.metadata: dict[str, Any] = {}
+
+    def _l0(self, state: State):
+        model = unwrap_model(state.model)
+        l0 = getattr(model, "l0_module", None)
+        if l0 is None:
+            raise ValueError(
+                "the `pruning` callback needs a model with an `l0_module` block (model.name: drpruning_causal_lm); "
+                "remove the callback for continued pretraining"
+            )
+        return model, l0
+
+    def init(self, state: State, logger: Logger) -> None:
+        model, l0 = self._l0(state)
+        # Saved in every checkpoint (callback state) and next to the masks: what export needs to rebuild shapes.
+        self.metadata = {
+            "l0": l0.describe(),
+            "source": str(model.model.config.name_or_path),
+            "hf_config": model.model.config.to_dict(),
+        }
+
+    def fit_start(self, state: State, logger: Logger) -> None:
+        model, _ = self._l0(state)
+        check_optimizer_groups(model, state.optimizers[0])
+        if self.save_masks:
+            write_json(run_folder(state) / "masks" / "meta.json", self.metadata)
+
+    def batch_start(self, state: State, logger: Logger) -> None:
+        self._l0(state)[1].train_step = int(state.timestamp.batch)
+
+    def batch_end(self, state: State, logger: Logger) -> None:
+        self._l0(state)[1].clamp_log_alpha_()
+
+    def eval_after_all(self, state: State, logger: Logger) -> None:
+        model, _ = self._l0(state)
+        masks = model.last_eval_masks
+        if not self.save_masks or masks is None or dist.get_global_rank() != 0:
+            return
+        folder = run_folder(state) / "masks"
+        folder.mkdir(parents=True, exist_ok=True)
+        torch.save({m: t.detach().cpu() for m, t in masks.items()}, folder / f"ba{int(state.timestamp.batch)}.pt")
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(self.metadata)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = state.get("l0")
+        current = self.metadata.get("l0")
+        if saved and current and saved["target_shape"] != current["target_shape"]:
+            raise ValueError(
+                f"the checkpoint was pruned toward {saved['target_shape']} but this run's l0_module targets "
+                f"{current['target_shape']}; resume with the original target or start a new run"
+            )
+
+
+def check_optimizer_groups(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Multipliers must be trained by ascent in groups of their own; masks should not share the model's lr."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    lambda_groups, gate_lrs, base_lr = [], [], None
+    for group in optimizer.param_groups:
+        lr = group.get("initial_lr", group["lr"])
+        group_names = [names.get(id(p), "") for p in group["params"]]
+        is_lambda = ["l0_module.lambda_" in n for n in group_names]
+        if any(is_lambda):
+            if not all(is_lambda) or lr >= 0:
+                raise ValueError(
+                    "the Lagrange multipliers (l0_module.lambda_*) must be in a param group of their own with a "
+                    f"negative lr (gradient ascent); found lr={lr} with {len(group_names)} params. Use:\n"
+                    + OPTIMIZER_HELP
+                )
+            lambda_groups.append(lr)
+        if any("l0_module.gates." in n for n in group_names):
+            gate_lrs.append(lr)
+        if any("l0_module." not in n for n in group_names):
+            base_lr = lr if base_lr is None else base_lr
+    if not lambda_groups:
+        raise ValueError("no optimizer param group holds the Lagrange multipliers. Use:\n" + OPTIMIZER_HELP)
+    if base_lr is not None and any(lr == base_lr for lr in gate_lrs):
+        warnings.warn(
+            f"the mask gates train at the model's lr ({base_lr}); the method uses lr 1.0 for them. Use:\n"
+            + OPTIMIZER_HELP,
+            stacklevel=2,
+        )
