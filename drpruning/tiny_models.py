@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, PretrainedConfig, Qwen2Config
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PretrainedConfig, Qwen2Config
 
 TINY_KINDS = ("llama_mha", "llama_gqa", "qwen2")
 
@@ -23,7 +24,8 @@ def tiny_config(kind: str, vocab_size: int = 512, **overrides: Any) -> Pretraine
     elif kind == "llama_gqa":
         config = LlamaConfig(**{**common, "num_key_value_heads": 2, "tie_word_embeddings": False, **overrides})
     elif kind == "qwen2":
-        config = Qwen2Config(**{**common, "num_key_value_heads": 2, "tie_word_embeddings": True, **overrides})
+        config = Qwen2Config(**{**common, "num_key_value_heads": 2, "tie_word_embeddings": True,
+                                 "sliding_window": None, **overrides})
     else:
         raise ValueError(f"unknown tiny model kind {kind!r}; choose from {TINY_KINDS}")
     return config
@@ -43,4 +45,27 @@ def tiny_model(kind: str, seed: int = 0, **overrides: Any) -> torch.nn.Module:
 def save_tiny_model(kind: str, out_dir: str | Path, vocab_size: int, seed: int = 0) -> Path:
     out = Path(out_dir)
     tiny_model(kind, seed=seed, vocab_size=vocab_size).save_pretrained(out)
+    return out
+
+
+def make_tiny_assets(out: str | Path, seq_len: int = 64) -> Path:
+    """`tokenizer/`, `llama_gqa/`, `qwen2/` (HF dirs with the tokenizer), `corpus/`, `mds/` under `out`.
+
+    Built in a sibling folder and renamed at the end, so a complete folder is never half-written.
+    """
+    from drpruning.tiny import make_tiny_mds
+
+    out = Path(out)
+    if (out / ".complete").exists():
+        return out
+    work = out.with_name(out.name + ".partial")
+    shutil.rmtree(work, ignore_errors=True)
+    make_tiny_mds(work, n_domains=4, seq_len=seq_len, eval_sequences=8, docs_per_domain=300)
+    vocab_size = len(AutoTokenizer.from_pretrained(work / "tokenizer"))
+    for kind in ("llama_gqa", "qwen2"):
+        save_tiny_model(kind, work / kind, vocab_size=vocab_size)
+        shutil.copytree(work / "tokenizer", work / kind, dirs_exist_ok=True)
+    (work / ".complete").touch()
+    shutil.rmtree(out, ignore_errors=True)
+    work.rename(out)
     return out

@@ -64,7 +64,7 @@ def _slice_by_hand(model, masks: dict[str, torch.Tensor], shape: ModelShape):
     """Build the smaller stock model and copy the kept weights (written independently of export.py)."""
     hid = masks["hidden"].nonzero().flatten()
     layers = masks["layer"].nonzero().flatten().tolist()
-    kv_keep = [masks["head"][l].nonzero().flatten() for l in layers]
+    kv_keep = [masks["head"][layer].nonzero().flatten() for layer in layers]
     g, hd = shape.heads_per_group, shape.head_dim
     config = copy.deepcopy(model.config)
     config.num_hidden_layers = len(layers)

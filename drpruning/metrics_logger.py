@@ -1,0 +1,141 @@
+"""A Composer logger that keeps every logged metric as JSON lines in the run folder.
+
+`scripts/plot_run.py` reads the file back (sparsity, Lagrange multipliers, losses, per-domain eval loss),
+so it must survive resumption: the logger's checkpointed state is the number of lines the file held at the
+checkpoint, and a resumed run cuts the file back to exactly those lines before it appends again. A run
+that starts from batch 0 starts a fresh file.
+"""
+
+from __future__ import annotations
+
+import json
+import numbers
+from pathlib import Path
+from typing import Any
+
+import torch
+from composer.core import State
+from composer.loggers import Logger, LoggerDestination
+from composer.utils import dist
+from composer.utils.file_helpers import format_name_with_dist
+
+from drpruning.runs import keep_jsonl_lines, run_folder
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def _as_float(value: Any) -> float | None:
+    """A number or a one-element tensor/array as a python float; anything else (strings, vectors) is None."""
+    if isinstance(value, torch.Tensor):
+        return float(value.item()) if value.numel() == 1 else None
+    if isinstance(value, numbers.Real):
+        return float(value)
+    item = getattr(value, "item", None)  # numpy scalars and 0-d arrays
+    if callable(item) and getattr(value, "size", None) == 1:
+        converted = item()
+        return float(converted) if isinstance(converted, numbers.Real) else None
+    return None
+
+
+class JSONLMetricsLogger(LoggerDestination):
+    """Append each `log_metrics(metrics, step)` call as `{"step": step, name: value, ...}` to `metrics.jsonl`.
+
+    Args:
+        folder: where to write; `{run_name}` is substituted. Defaults to the run folder
+            (`drpruning.runs.run_folder`), next to the checkpoints, so a resumed run finds its own file.
+        filename: the file name inside `folder`.
+
+    Only global rank 0 writes. Records logged before the folder is known (before `Event.AFTER_LOAD`)
+    are held back and written once the file has been reset or cut back for this run.
+    """
+
+    def __init__(self, folder: str | None = None, filename: str = METRICS_FILE) -> None:
+        super().__init__()
+        self.folder = folder
+        self.filename = filename
+        self.path: Path | None = None
+        self._state: State | None = None
+        self._is_writer = False
+        self._pending: list[dict[str, Any]] = []
+        self._aligned = False
+        self._lines_in_file = 0
+        self._checkpoint_lines: int | None = None
+
+    # ------------------------------------------------------------------------------------ events
+    def init(self, state: State, logger: Logger) -> None:
+        self._state = state
+        self._is_writer = dist.get_global_rank() == 0
+        folder = Path(format_name_with_dist(self.folder, state.run_name)) if self.folder else run_folder(state)
+        self.path = folder / self.filename
+
+    def after_load(self, state: State, logger: Logger) -> None:
+        """Make the file match an uninterrupted run up to the loaded timestamp, then flush held-back records.
+
+        AFTER_LOAD (not FIT_START) because LLM-Foundry's `eval_first` logs before `fit()` starts.
+        """
+        if self._is_writer:
+            self._align_file_with_checkpoint(int(state.timestamp.batch))
+            for record in self._pending:
+                self._append(record)
+        self._pending = []
+        self._aligned = True
+
+    def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        if self._state is not None and not self._is_writer:
+            return
+        values = {name: _as_float(value) for name, value in metrics.items() if name != "step"}
+        record: dict[str, Any] = {"step": self._resolve_step(step)}
+        record.update({name: value for name, value in values.items() if value is not None})
+        if len(record) == 1:
+            return
+        if self._aligned:
+            self._append(record)
+        else:
+            self._pending.append(record)
+
+    # ------------------------------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        """Only the writer has a count: with sharded checkpoints every rank saves, and the value must be rank 0's."""
+        return {"lines": self._lines_in_file} if self._is_writer else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "lines" in state:
+            self._checkpoint_lines = int(state["lines"])
+
+    # ----------------------------------------------------------------------------------- helpers
+    def _resolve_step(self, step: int | None) -> int:
+        if step is not None:
+            return int(step)
+        return int(self._state.timestamp.batch) if self._state is not None else 0
+
+    def _align_file_with_checkpoint(self, resumed_batch: int) -> None:
+        assert self.path is not None
+        if resumed_batch == 0:
+            self.path.unlink(missing_ok=True)
+        elif self._checkpoint_lines is not None:
+            self._keep_first_lines(self._checkpoint_lines)
+        else:
+            # A checkpoint written without this logger: the best available cut is by step.
+            keep_jsonl_lines(self.path, lambda record: record["step"] <= resumed_batch)
+        self._lines_in_file = self._count_lines()
+
+    def _keep_first_lines(self, count: int) -> None:
+        assert self.path is not None
+        if not self.path.exists():
+            return
+        lines = self.path.read_text(encoding="utf-8").splitlines(keepends=True)
+        if len(lines) > count:
+            self.path.write_text("".join(lines[:count]), encoding="utf-8")
+
+    def _count_lines(self) -> int:
+        assert self.path is not None
+        if not self.path.exists():
+            return 0
+        return len(self.path.read_text(encoding="utf-8").splitlines())
+
+    def _append(self, record: dict[str, Any]) -> None:
+        assert self.path is not None
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+        self._lines_in_file += 1

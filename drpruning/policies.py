@@ -1,0 +1,305 @@
+"""Data-scheduling policies (SPEC §3): per-domain losses in, sampling proportions out. Pure numpy.
+
+Each policy is one object whose whole mutable state round-trips through `state_dict()` as plain
+lists/floats/ints/str/None, so the scheduler callback can checkpoint it and broadcast it to every rank.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from drpruning.dro import dro_proportions, normalise_within_bounds
+from drpruning.scaling_law import predict_final_loss
+
+POLICY_NAMES = ("constant", "sheared", "dro", "drpruning")
+_SUM_TOLERANCE = 1e-6
+
+
+@dataclass(frozen=True)
+class Observation:
+    """What the scheduler measured at one update (all ranks already reduced)."""
+
+    losses: np.ndarray  # [D] current per-domain loss (eval CE or train EMA)
+    tokens: np.ndarray  # [D] tokens of each domain consumed since the start of training
+    progress: float  # batch / max_batches, in (0, 1]
+    params: float | None = None  # expected remaining parameters (pruning), None in continued pretraining
+    params_end: float | None = None  # target parameters at the end of pruning
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The new proportions and the inputs that produced them, so each update can be audited."""
+
+    proportions: np.ndarray
+    reference_losses: np.ndarray | None  # ℓ_R used for this update (None if the policy has none)
+    reference_ratio: np.ndarray  # p_R used for this update
+
+
+def validate_proportions(values: Sequence[float] | np.ndarray, num_domains: int | None = None,
+                         name: str = "proportions") -> np.ndarray:
+    """A float64 copy of `values` if it is a distribution (finite, ≥ 0, sums to 1 within 1e-6).
+
+    Not renormalised, so saved state round-trips bit for bit."""
+    array = np.asarray(values, dtype=np.float64)
+    if array.ndim != 1 or array.size == 0:
+        raise ValueError(f"{name} must be a non-empty list, got shape {array.shape}")
+    if num_domains is not None and array.size != num_domains:
+        raise ValueError(f"{name} has {array.size} entries but there are {num_domains} domains")
+    if not np.all(np.isfinite(array)) or np.any(array < 0):
+        raise ValueError(f"{name} must be finite and non-negative, got {array.tolist()}")
+    if abs(array.sum() - 1.0) > _SUM_TOLERANCE:
+        raise ValueError(f"{name} must sum to 1, got {array.sum():.8f}")
+    return array
+
+
+class Policy(ABC):
+    """Base class: holds p0 and the (optional) reference losses; subclasses implement `update`."""
+
+    name: str
+    needs_reference_losses: bool
+
+    def __init__(self, initial_proportions: Sequence[float] | np.ndarray,
+                 reference_losses: Sequence[float] | np.ndarray | None = None) -> None:
+        initial = validate_proportions(initial_proportions, name="initial_proportions")
+        self.initial_proportions = initial / initial.sum()
+        self.num_domains = self.initial_proportions.size
+        self._reference_losses: np.ndarray | None = None
+        if reference_losses is not None:
+            self.set_reference_losses(reference_losses)
+
+    @property
+    def reference_losses(self) -> np.ndarray | None:
+        return None if self._reference_losses is None else self._reference_losses.copy()
+
+    def set_reference_losses(self, values: Sequence[float] | np.ndarray) -> None:
+        """Set ℓ_R (from the config or from the source model's first eval)."""
+        array = np.asarray(values, dtype=np.float64)
+        if array.shape != (self.num_domains,) or not np.all(np.isfinite(array)):
+            raise ValueError(f"reference losses must be {self.num_domains} finite values, got {array.tolist()}")
+        self._reference_losses = array.copy()
+
+    @property
+    def ready(self) -> bool:
+        """False while the policy is waiting for reference losses it needs."""
+        return not self.needs_reference_losses or self._reference_losses is not None
+
+    def update(self, observation: Observation) -> Decision:
+        """The proportions for the next interval; raises if the policy is not `ready`."""
+        losses = np.asarray(observation.losses, dtype=np.float64)
+        if losses.shape != (self.num_domains,) or not np.all(np.isfinite(losses)):
+            raise ValueError(f"losses must be {self.num_domains} finite values, got {losses.tolist()}")
+        if not 0.0 < observation.progress <= 1.0 + 1e-9:
+            raise ValueError(f"progress must lie in (0, 1], got {observation.progress}")
+        if not self.ready:
+            raise RuntimeError(f"policy '{self.name}' has no reference losses yet")
+        return self._update(observation)
+
+    @abstractmethod
+    def _update(self, observation: Observation) -> Decision: ...
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "reference_losses": _plain(self._reference_losses)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if state["name"] != self.name:
+            raise ValueError(f"checkpoint holds policy '{state['name']}' but this run uses '{self.name}'")
+        self._reference_losses = None
+        if state["reference_losses"] is not None:
+            self.set_reference_losses(state["reference_losses"])
+
+
+class ConstantPolicy(Policy):
+    """q = p0 (the static-mixture baseline)."""
+
+    name = "constant"
+    needs_reference_losses = False
+
+    def _update(self, observation: Observation) -> Decision:
+        return Decision(self.initial_proportions.copy(), self.reference_losses, self.initial_proportions.copy())
+
+
+class ShearedPolicy(Policy):
+    """Sheared-LLaMA dynamic batch loading: q ∝ q_prev·exp(η·max(ℓ − ℓ_ref, 0)), then (1−c)·q + c/n."""
+
+    name = "sheared"
+    needs_reference_losses = True
+
+    def __init__(self, initial_proportions: Sequence[float] | np.ndarray,
+                 reference_losses: Sequence[float] | np.ndarray | None = None, eta: float = 1.0,
+                 smoothing: float = 1e-4) -> None:
+        super().__init__(initial_proportions, reference_losses)
+        if not math.isfinite(eta) or eta < 0:
+            raise ValueError(f"eta must be finite and ≥ 0, got {eta}")
+        if not 0.0 <= smoothing <= 1.0:
+            raise ValueError(f"smoothing must lie in [0, 1], got {smoothing}")
+        self.eta = float(eta)
+        self.smoothing = float(smoothing)
+        self.proportions = self.initial_proportions.copy()
+
+    def _update(self, observation: Observation) -> Decision:
+        assert self._reference_losses is not None
+        gap = np.maximum(np.asarray(observation.losses, dtype=np.float64) - self._reference_losses, 0.0)
+        with np.errstate(divide="ignore"):
+            logits = np.log(self.proportions) + self.eta * gap
+        weights = np.exp(logits - logits.max())
+        proportions = weights / weights.sum()
+        proportions = (1.0 - self.smoothing) * proportions + self.smoothing / self.num_domains
+        self.proportions = proportions / proportions.sum()
+        return Decision(self.proportions.copy(), self.reference_losses, self.initial_proportions.copy())
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "proportions": _plain(self.proportions)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.proportions = validate_proportions(state["proportions"], self.num_domains, "saved proportions")
+
+
+class DROPolicy(Policy):
+    """χ²-ball DRO around p_R with reference losses ℓ_R; `drpruning` switches on the dynamic parts.
+
+    Each update, in the paper's order (§3.3 "Overall process"):
+    1. record (P, T, ℓ) per domain in the history (when the dynamic reference loss is on);
+    2. from `reference_loss_start` of training: ℓ_R ← min(ℓ_R, scaling-law prediction at the end
+       of training), per domain, once it has `min_points` points (so ℓ_R never increases);
+    3. q = DRO(ℓ, ℓ_R, p_R, ρ), floored at min(p_R);
+    4. from `reference_ratio_start`: p_R ← δ·q + (1−δ)·p_R clamped to [p0/n, n·p0] and renormalised.
+    """
+
+    needs_reference_losses = True
+
+    def __init__(self, initial_proportions: Sequence[float] | np.ndarray,
+                 reference_losses: Sequence[float] | np.ndarray | None = None, rho: float = 0.1, *,
+                 dynamic_reference_loss: bool = False, dynamic_reference_ratio: bool = False,
+                 delta: float = 0.1, ratio_bound: float = 2.0, reference_loss_start: float = 0.2,
+                 reference_ratio_start: float = 0.4, min_points: int = 8, max_history: int = 64) -> None:
+        super().__init__(initial_proportions, reference_losses)
+        if not math.isfinite(rho) or rho < 0:
+            raise ValueError(f"rho must be finite and ≥ 0, got {rho}")
+        if not 0.0 < delta <= 1.0:
+            raise ValueError(f"delta must lie in (0, 1], got {delta}")
+        if not (math.isfinite(ratio_bound) and ratio_bound >= 1.0):
+            raise ValueError(f"ratio_bound must be ≥ 1, got {ratio_bound}")
+        for key, value in (("reference_loss_start", reference_loss_start),
+                           ("reference_ratio_start", reference_ratio_start)):
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{key} is a fraction of training and must lie in [0, 1], got {value}")
+        if min_points < 5:
+            raise ValueError(f"min_points must be ≥ 5 (the fit has up to 4 parameters), got {min_points}")
+        if max_history < min_points:
+            raise ValueError(f"max_history ({max_history}) must be ≥ min_points ({min_points})")
+        self.name = "drpruning" if dynamic_reference_loss or dynamic_reference_ratio else "dro"
+        self.rho = float(rho)
+        self.dynamic_reference_loss = bool(dynamic_reference_loss)
+        self.dynamic_reference_ratio = bool(dynamic_reference_ratio)
+        self.delta = float(delta)
+        self.ratio_bound = float(ratio_bound)
+        self.reference_loss_start = float(reference_loss_start)
+        self.reference_ratio_start = float(reference_ratio_start)
+        self.min_points = int(min_points)
+        self.max_history = int(max_history)
+        self.reference_ratio = self.initial_proportions.copy()
+        self.history: list[dict[str, Any]] = []
+
+    def _update(self, observation: Observation) -> Decision:
+        assert self._reference_losses is not None
+        losses = np.asarray(observation.losses, dtype=np.float64)
+        if self.dynamic_reference_loss:
+            self._record(observation)
+            if observation.progress >= self.reference_loss_start:
+                self._lower_reference_losses(observation)
+        reference_ratio = self.reference_ratio.copy()
+        proportions = dro_proportions(losses, self._reference_losses, reference_ratio, self.rho)
+        if self.dynamic_reference_ratio and observation.progress >= self.reference_ratio_start:
+            self.reference_ratio = drift_reference_ratio(reference_ratio, proportions, self.initial_proportions,
+                                                         self.delta, self.ratio_bound)
+        return Decision(proportions, self.reference_losses, reference_ratio)
+
+    def _record(self, observation: Observation) -> None:
+        tokens = np.asarray(observation.tokens, dtype=np.float64)
+        if tokens.shape != (self.num_domains,):
+            raise ValueError(f"tokens must have {self.num_domains} entries, got {tokens.tolist()}")
+        self.history.append({
+            "progress": float(observation.progress),
+            "params": None if observation.params is None else float(observation.params),
+            "tokens": tokens.tolist(),
+            "losses": np.asarray(observation.losses, dtype=np.float64).tolist(),
+        })
+        if len(self.history) > self.max_history:
+            del self.history[_most_redundant_point([entry["progress"] for entry in self.history])]
+
+    def _lower_reference_losses(self, observation: Observation) -> None:
+        assert self._reference_losses is not None
+        tokens = np.array([entry["tokens"] for entry in self.history])
+        losses = np.array([entry["losses"] for entry in self.history])
+        params_history = [entry["params"] for entry in self.history]
+        params = None if any(value is None for value in params_history) else np.array(params_history)
+        tokens_end = np.asarray(observation.tokens, dtype=np.float64) / observation.progress
+        for domain in range(self.num_domains):
+            prediction = predict_final_loss(losses[:, domain], tokens[:, domain], params, float(tokens_end[domain]),
+                                            observation.params_end, min_points=self.min_points)
+            if prediction is not None:
+                self._reference_losses[domain] = min(self._reference_losses[domain], prediction)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "reference_ratio": _plain(self.reference_ratio),
+                "history": [dict(entry) for entry in self.history]}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.reference_ratio = validate_proportions(state["reference_ratio"], self.num_domains, "saved reference_ratio")
+        self.history = [dict(entry) for entry in state["history"]]
+
+
+def drift_reference_ratio(reference_ratio: np.ndarray, proportions: np.ndarray, initial_proportions: np.ndarray,
+                          delta: float, ratio_bound: float) -> np.ndarray:
+    """p_R ← δ·q + (1−δ)·p_R, then every domain kept within [p0/n, n·p0] with Σ = 1 (paper eq. 6)."""
+    moved = delta * np.asarray(proportions, dtype=np.float64) + (1.0 - delta) * np.asarray(reference_ratio)
+    return normalise_within_bounds(moved, initial_proportions / ratio_bound,
+                                   np.minimum(initial_proportions * ratio_bound, 1.0))
+
+
+def _most_redundant_point(progress: list[float]) -> int:
+    """The interior point whose removal leaves the smallest gap in log-progress.
+
+    Keeps the history spread over the whole run on the log scale a power law is fitted on, and is
+    deterministic (a resumed run thins exactly as an uninterrupted one).
+    """
+    log_progress = np.log(np.asarray(progress, dtype=np.float64))
+    gaps = log_progress[2:] - log_progress[:-2]
+    return int(np.argmin(gaps)) + 1
+
+
+def make_policy(name: str, initial_proportions: Sequence[float] | np.ndarray,
+                reference_losses: Sequence[float] | np.ndarray | None = None, *,
+                dynamic_reference_loss: bool | None = None, dynamic_reference_ratio: bool | None = None,
+                rho: float = 0.1, delta: float = 0.1, ratio_bound: float = 2.0, reference_loss_start: float = 0.2,
+                reference_ratio_start: float = 0.4, min_points: int = 8, max_history: int = 64, eta: float = 1.0,
+                smoothing: float = 1e-4) -> Policy:
+    """Build a policy by name. The dynamic parts default to on for `drpruning` and off otherwise;
+    switching one off under `drpruning` (or on under `dro`) gives the paper's ablations."""
+    if name not in POLICY_NAMES:
+        raise ValueError(f"unknown policy '{name}'; choose one of {', '.join(POLICY_NAMES)}")
+    dynamic_default = name == "drpruning"
+    dynamic_reference_loss = dynamic_default if dynamic_reference_loss is None else dynamic_reference_loss
+    dynamic_reference_ratio = dynamic_default if dynamic_reference_ratio is None else dynamic_reference_ratio
+    if name in ("constant", "sheared") and (dynamic_reference_loss or dynamic_reference_ratio):
+        raise ValueError(f"dynamic_reference_loss / dynamic_reference_ratio apply to dro and drpruning, not '{name}'")
+    if name == "constant":
+        return ConstantPolicy(initial_proportions, reference_losses)
+    if name == "sheared":
+        return ShearedPolicy(initial_proportions, reference_losses, eta=eta, smoothing=smoothing)
+    return DROPolicy(initial_proportions, reference_losses, rho, dynamic_reference_loss=dynamic_reference_loss,
+                     dynamic_reference_ratio=dynamic_reference_ratio, delta=delta, ratio_bound=ratio_bound,
+                     reference_loss_start=reference_loss_start, reference_ratio_start=reference_ratio_start,
+                     min_points=min_points, max_history=max_history)
+
+
+def _plain(values: np.ndarray | None) -> list[float] | None:
+    return None if values is None else np.asarray(values, dtype=np.float64).tolist()

@@ -1,0 +1,240 @@
+"""The shipped recipes are valid without GPUs or 7B weights.
+
+Every yaml in `yamls/` and `yamls/tiny/` goes through LLM-Foundry's own config validation (with the
+`domain_eval` transform expanded against a stub data folder), its pruning target is checked against a
+hand-written source config, its optimizer groups are built by foundry's builder on a tiny model and checked
+by the `pruning` callback's own check, and its callbacks are built from the registry.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from composer.utils.parallelism import FSDPConfig
+from llmfoundry.command_utils.train import validate_config
+from llmfoundry.utils.builders import build_callback, build_optimizer
+from llmfoundry.utils.config_utils import (
+    TRAIN_CONFIG_KEYS,
+    TrainConfig,
+    make_dataclass_and_log_config,
+    process_init_device,
+)
+from omegaconf import DictConfig
+from omegaconf import OmegaConf as om
+
+from drpruning.masks import L0Module
+from drpruning.pruning_callback import check_optimizer_groups
+from drpruning.scheduler import DataScheduler
+from drpruning.shapes import ModelShape, target_shape
+from drpruning.tiny_models import tiny_config, tiny_model
+
+REPO = Path(__file__).resolve().parents[1]
+PAPER_RECIPES = sorted((REPO / "yamls").glob("*.yaml"))
+TINY_RECIPES = sorted((REPO / "yamls" / "tiny").glob("*.yaml"))
+ALL_RECIPES = PAPER_RECIPES + TINY_RECIPES
+POLICIES = ("constant", "sheared", "dro", "drpruning")
+
+LLAMA2_7B = {
+    "model_type": "llama", "hidden_size": 4096, "num_attention_heads": 32, "num_key_value_heads": 32,
+    "num_hidden_layers": 32, "intermediate_size": 11008, "vocab_size": 32000, "tie_word_embeddings": False,
+}
+QWEN2_7B = {
+    "model_type": "qwen2", "hidden_size": 3584, "num_attention_heads": 28, "num_key_value_heads": 4,
+    "num_hidden_layers": 28, "intermediate_size": 18944, "vocab_size": 152064, "tie_word_embeddings": False,
+}
+# Published sizes of the sources: a wrong hand-written config would show here first.
+SOURCE_PARAMS = {"llama": 6_738_415_616, "qwen2": 7_615_616_512}
+# Pruning recipe → (source config, nominal target size incl. embeddings). The nominal names are rounded
+# (Sheared-LLaMA-1.3B has 1.35e9 parameters), so a target must land within 5 % of its name.
+PRUNING = {
+    "prune_1.3b.yaml": (LLAMA2_7B, 1.3e9),
+    "prune_2.7b.yaml": (LLAMA2_7B, 2.7e9),
+    "prune_qwen2_1.8b.yaml": (QWEN2_7B, 1.8e9),
+}
+SIZE_TOLERANCE = 0.05
+CPT_OF_PRUNING = {
+    "cpt_1.3b.yaml": "prune_1.3b.yaml",
+    "cpt_2.7b.yaml": "prune_2.7b.yaml",
+    "cpt_qwen2_1.8b.yaml": "prune_qwen2_1.8b.yaml",
+}
+
+
+def load_recipe(path: Path, overrides: list[str] | None = None) -> DictConfig:
+    """The yaml plus command-line style overrides, as `train_from_yaml` builds it."""
+    cfg = om.load(path)
+    if overrides:
+        cfg = om.merge(cfg, om.from_dotlist(overrides))
+    assert isinstance(cfg, DictConfig)
+    return cfg
+
+
+def resolved(cfg: DictConfig) -> dict[str, Any]:
+    container = om.to_container(cfg, resolve=True)
+    assert isinstance(container, dict)
+    return container
+
+
+def recipe_domains(cfg: DictConfig) -> list[str]:
+    return list(cfg.train_loader.proportions)
+
+
+def stub_data_dir(root: Path, domains: list[str], seq_len: int) -> Path:
+    """A `prepare_data`-shaped folder with just what the `domain_eval` transform reads (no tokens)."""
+    manifest = {"seq_len": seq_len, "domains": [{"name": domain} for domain in domains]}
+    root.mkdir(parents=True)
+    (root / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+    for domain in domains:
+        (root / domain / "eval").mkdir(parents=True)
+        (root / domain / "eval" / "index.json").write_text("{}", encoding="utf-8")
+    return root
+
+
+def test_every_recipe_is_found() -> None:
+    names = {path.name for path in PAPER_RECIPES}
+    assert names == set(PRUNING) | set(CPT_OF_PRUNING)
+    assert len(TINY_RECIPES) >= 2
+
+
+@pytest.mark.parametrize("path", ALL_RECIPES, ids=lambda p: str(p.relative_to(REPO)))
+def test_foundry_accepts_the_recipe(path: Path, tmp_path: Path) -> None:
+    raw = load_recipe(path)
+    domains = recipe_domains(raw)
+    data = stub_data_dir(tmp_path / "data", domains, seq_len=raw.max_seq_len)
+    cfg = load_recipe(path, [f"variables.data={data}"])
+
+    logged, train_config = make_dataclass_and_log_config(cfg, TrainConfig, TRAIN_CONFIG_KEYS, transforms="all")
+    validate_config(train_config)
+
+    assert [loader["label"] for loader in train_config.eval_loaders] == domains
+    assert {loader["dataset"]["local"] for loader in train_config.eval_loaders} == {str(data / d) for d in domains}
+    assert train_config.train_loader["data_dir"] == str(data)
+    assert train_config.eval_interval == f"{train_config.callbacks['data_scheduler']['update_interval']}ba"
+    if train_config.fsdp_config is not None:
+        FSDPConfig(**copy.deepcopy(train_config.fsdp_config))
+    process_init_device(copy.deepcopy(train_config.model), copy.deepcopy(train_config.fsdp_config))
+    for name, kwargs in train_config.callbacks.items():
+        build_callback(name, copy.deepcopy(kwargs), train_config=logged)
+
+
+@pytest.mark.parametrize("name", sorted(PRUNING))
+def test_target_shape_and_size(name: str) -> None:
+    source_config, nominal = PRUNING[name]
+    l0_config = resolved(load_recipe(REPO / "yamls" / name))["model"]["l0_module"]
+    source = ModelShape.from_hf_config(source_config)
+    assert source.num_params() == SOURCE_PARAMS[source_config["model_type"]]
+
+    target = target_shape(source, l0_config["target"], l0_config["pruning_modules"])
+    assert abs(target.num_params() - nominal) / nominal < SIZE_TOLERANCE, target.num_params()
+    assert target.head_dim == source.head_dim == 128
+    assert target.heads_per_group == source.heads_per_group
+    # The model builds exactly this module from the block, so its keys must all be accepted.
+    l0 = L0Module(source, **l0_config)
+    assert l0.lagrangian_warmup == 640
+    assert l0.target == target
+
+
+def _tiny_pruning_holder() -> torch.nn.Module:
+    """A module whose parameter names look like `DRPruningCausalLM`'s: `model.*` and `l0_module.*`."""
+    holder = torch.nn.Module()
+    holder.model = tiny_model("llama_gqa")
+    target = {"n_layers": 3, "hidden_size": 48, "n_heads": 4, "n_kv_heads": 1, "intermediate_size": 96}
+    holder.l0_module = L0Module(ModelShape.from_hf_config(tiny_config("llama_gqa")), target)
+    return holder
+
+
+@pytest.mark.parametrize("path", ALL_RECIPES, ids=lambda p: str(p.relative_to(REPO)))
+def test_optimizer_groups(path: Path) -> None:
+    cfg = resolved(load_recipe(path))
+    if "l0_module" not in cfg["model"]:
+        assert "param_groups" not in cfg["optimizer"], "continued pretraining has no masks to group"
+        assert "pruning" not in cfg["callbacks"]
+        return
+    assert "pruning" in cfg["callbacks"]
+    holder = _tiny_pruning_holder()
+    optimizer_config = copy.deepcopy(cfg["optimizer"])
+    optimizer = build_optimizer(holder, optimizer_config.pop("name"), optimizer_config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_optimizer_groups(holder, optimizer)
+
+    names = {id(p): n for n, p in holder.named_parameters()}
+    lr_of = {names[id(p)]: group["lr"] for group in optimizer.param_groups for p in group["params"]}
+    assert set(lr_of) == set(names.values())
+    lambda_lrs = {lr for n, lr in lr_of.items() if n.startswith("l0_module.lambda_")}
+    gate_lrs = {lr for n, lr in lr_of.items() if n.startswith("l0_module.gates.")}
+    model_lrs = {lr for n, lr in lr_of.items() if n.startswith("model.")}
+    assert len(lambda_lrs) == len(gate_lrs) == len(model_lrs) == 1
+    assert lambda_lrs.pop() < 0
+    if path.parent.name == "yamls":
+        assert (gate_lrs.pop(), model_lrs.pop()) == (1.0, 1.0e-4)
+        assert [group["lr"] for group in cfg["optimizer"]["param_groups"]] == [-1.0, 1.0]
+
+
+@pytest.mark.parametrize("path", ALL_RECIPES, ids=lambda p: str(p.relative_to(REPO)))
+def test_data_and_scheduler_agree(path: Path) -> None:
+    cfg = resolved(load_recipe(path))
+    proportions = cfg["train_loader"]["proportions"]
+    assert sum(proportions.values()) == pytest.approx(1.0, abs=1e-9)
+    assert cfg["eval_loader"]["data_dir"] == cfg["train_loader"]["data_dir"]
+    assert "domains" not in cfg["eval_loader"], "evaluate every domain of the data folder"
+    scheduler = cfg["callbacks"]["data_scheduler"]
+    if isinstance(scheduler["reference_losses"], dict):
+        assert list(scheduler["reference_losses"]) == list(proportions)
+    DataScheduler(**scheduler)
+
+
+@pytest.mark.parametrize("path", PAPER_RECIPES, ids=lambda p: p.name)
+@pytest.mark.parametrize("policy", POLICIES)
+def test_policy_is_one_override(path: Path, policy: str, tmp_path: Path) -> None:
+    cfg = resolved(load_recipe(path, [f"callbacks.data_scheduler.policy={policy}", f"variables.data={tmp_path}"]))
+    assert cfg["train_loader"]["data_dir"] == cfg["eval_loader"]["data_dir"] == str(tmp_path)
+    assert DataScheduler(**cfg["callbacks"]["data_scheduler"]).policy_name == policy
+
+
+@pytest.mark.parametrize("path", PAPER_RECIPES, ids=lambda p: p.name)
+def test_paper_defaults(path: Path) -> None:
+    cfg = resolved(load_recipe(path))
+    pruning = path.name in PRUNING
+    steps, batch, warmup, interval = (3200, 32, 320, 50) if pruning else (48000, 256, 1440, 400)
+    assert cfg["max_duration"] == f"{steps}ba"
+    assert cfg["global_train_batch_size"] == batch
+    assert cfg["max_seq_len"] == 4096
+    assert cfg["scheduler"] == {"name": "cosine_with_warmup", "t_warmup": f"{warmup}ba", "alpha_f": 0.1}
+    assert int(cfg["scheduler"]["t_warmup"][:-2]) == round(steps * (0.10 if pruning else 0.03))
+    assert cfg["optimizer"]["lr"] == 1.0e-4
+    assert cfg["precision"] == "amp_bf16"
+    assert cfg["fsdp_config"]["sharding_strategy"] == "FULL_SHARD"
+    assert cfg["fsdp_config"]["mixed_precision"] == "PURE"
+    assert cfg["fsdp_config"]["activation_checkpointing"] is True
+    assert cfg["fsdp_config"]["activation_checkpointing_reentrant"] is False
+    assert cfg["model"]["init_device"] == "mixed"
+    assert cfg["fsdp_config"]["sync_module_states"] is True
+    scheduler = cfg["callbacks"]["data_scheduler"]
+    assert scheduler["update_interval"] == interval
+    assert (scheduler["policy"], scheduler["rho"], scheduler["delta"], scheduler["ratio_bound"]) == (
+        "drpruning", 0.1, 0.1, 2.0)
+    # Autoresume needs a run name and a save folder of its own.
+    assert cfg["autoresume"] is True
+    assert cfg["save_folder"].endswith(cfg["run_name"])
+    if not pruning:
+        assert cfg["callbacks"]["hf_checkpointer"]["save_folder"] == cfg["save_folder"]
+
+
+@pytest.mark.parametrize("cpt_name", sorted(CPT_OF_PRUNING))
+def test_pruning_and_continued_pretraining_agree(cpt_name: str) -> None:
+    cpt = resolved(load_recipe(REPO / "yamls" / cpt_name))
+    prune = resolved(load_recipe(REPO / "yamls" / CPT_OF_PRUNING[cpt_name]))
+    assert cpt["train_loader"]["proportions"] == prune["train_loader"]["proportions"]
+    assert (cpt["callbacks"]["data_scheduler"]["reference_losses"]
+            == prune["callbacks"]["data_scheduler"]["reference_losses"])
+    assert cpt["variables"]["data"] == prune["variables"]["data"]
+    # Continued pretraining starts from the dense export that the pruning recipe's comment names.
+    assert cpt["variables"]["pruned"] == f"models/{prune['run_name']}"
+    assert cpt["model"]["pretrained_model_name_or_path"] == cpt["tokenizer"]["name"] == cpt["variables"]["pruned"]
+    assert cpt["run_name"] != prune["run_name"]

@@ -1,0 +1,50 @@
+"""Multi-process CPU runs of the tiny recipes through `composer -n 2` (DDP and FSDP2 over gloo)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tests.conftest import run_training
+
+pytestmark = pytest.mark.slow
+
+
+def _short(assets, folder, steps=8, interval=4) -> list[str]:
+    return [
+        f"variables.assets={assets}", f"save_folder={folder}", f"max_duration={steps}ba",
+        f"variables.update_interval={interval}", f"save_interval={interval}ba",
+        f"model.l0_module.lagrangian_warmup={interval}ba", "scheduler.t_warmup=2ba",
+        "callbacks.data_scheduler.min_points=5",
+    ]
+
+
+def test_ddp_pruning_run_writes_masks_schedule_and_checkpoints(tiny_assets, tmp_path):
+    run = tmp_path / "run"
+    run_training("yamls/tiny/prune_llama_gqa.yaml", _short(tiny_assets, run))
+    assert (run / "ep0-ba8-rank0.pt").exists() and (run / "ep0-ba4-rank0.pt").exists()
+    masks = torch.load(run / "masks" / "ba8.pt")
+    assert masks["layer"].sum() == 3 and masks["hidden"].sum() == 48
+    assert (masks["head"].sum(-1) == 1).all() and (masks["intermediate"].sum(-1) == 96).all()
+    meta = json.loads((run / "masks" / "meta.json").read_text())
+    assert meta["l0"]["target_shape"]["hidden_size"] == 48
+    lines = [json.loads(line) for line in (run / "schedule.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [4, 8]
+    assert all(abs(sum(line["proportions"].values()) - 1) < 1e-9 for line in lines)
+    checkpoint = torch.load(run / "ep0-ba8-rank0.pt", weights_only=False)
+    assert checkpoint["state"]["callbacks"]["PruningCallback"]["l0"]["target_params"] > 0
+
+
+def test_fsdp2_pruning_run_on_cpu(tiny_assets, tmp_path):
+    run = tmp_path / "run"
+    run_training(
+        "yamls/tiny/prune_qwen2.yaml",
+        [*_short(tiny_assets, run, steps=4, interval=2), "fsdp_config.sharding_strategy=FULL_SHARD",
+         "fsdp_config.state_dict_type=full"],
+        env={"FSDP_VERSION": "2"},
+    )
+    masks = torch.load(run / "masks" / "ba4.pt")
+    assert masks["layer"].sum() == 3 and (masks["head"].sum(-1) == 1).all()
+    assert (run / "ep0-ba4-rank0.pt").exists()
