@@ -1,0 +1,120 @@
+"""LLM-Foundry config transform: one labelled stock `text` evaluator per domain from a short block.
+
+    eval_loader: {name: domain_eval, data_dir: DIR, domains: [a, b], split: eval}
+
+becomes `eval_loaders: [{label: a, name: text, dataset: {local: DIR/a, split: eval, ...}}, ...]`, so the
+evaluators are labelled `eval/<domain>` and `state.eval_metrics['eval/<domain>']` holds each domain's loss.
+Using foundry's own loader keeps eval batches and metrics exactly as foundry computes them.
+
+Foundry runs every registered transform on every train config (after moving a list-valued `eval_loader` to
+`eval_loaders`), so configs without a `domain_eval` block are returned unchanged. `eval_from_yaml` applies
+no plugin transforms; there, list the expanded loaders directly (see `domain_eval_loaders`).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from drpruning.data_prep import load_manifest
+
+BLOCK_NAME = "domain_eval"
+_BLOCK_KEYS = {
+    "name", "data_dir", "domains", "split", "max_seq_len", "num_workers", "prefetch_factor",
+    "persistent_workers", "pin_memory",
+}
+
+
+def domain_eval_loaders(
+    data_dir: str | Path,
+    max_seq_len: int,
+    domains: Sequence[str] | None = None,
+    split: str = "eval",
+    num_workers: int = 0,
+    prefetch_factor: int = 2,
+    persistent_workers: bool = False,
+    pin_memory: bool = False,
+) -> list[dict[str, Any]]:
+    """Stock `text` loader configs, one per domain (default: all, in manifest order), labelled by domain."""
+    manifest = load_manifest(data_dir)
+    known = [entry["name"] for entry in manifest["domains"]]
+    selected = list(known if domains is None else domains)
+    unknown = [d for d in selected if d not in known]
+    if unknown:
+        raise ValueError(f"domain_eval: unknown domain(s) {unknown} in {data_dir}; known domains: {known}")
+    if not selected or len(set(selected)) != len(selected):
+        raise ValueError(f"domain_eval: domains must be a non-empty list without repeats, got {selected}")
+    if max_seq_len > manifest["seq_len"]:
+        raise ValueError(f"domain_eval: max_seq_len {max_seq_len} exceeds the prepared seq_len {manifest['seq_len']}")
+    loaders = []
+    for domain in selected:
+        split_dir = Path(data_dir) / domain / split
+        if not (split_dir / "index.json").is_file():
+            raise FileNotFoundError(f"domain_eval: no MDS split at {split_dir}")
+        multiprocess = num_workers > 0
+        loaders.append({
+            "label": domain,
+            "name": "text",
+            "dataset": {
+                "local": str(Path(data_dir) / domain),
+                "split": split,
+                "shuffle": False,
+                "max_seq_len": max_seq_len,
+            },
+            "drop_last": False,
+            "num_workers": num_workers,
+            # torch rejects these two options without worker processes
+            "prefetch_factor": prefetch_factor if multiprocess else None,
+            "persistent_workers": persistent_workers and multiprocess,
+            "pin_memory": pin_memory,
+        })
+    return loaders
+
+
+def _is_block(loader: Any) -> bool:
+    return isinstance(loader, dict) and loader.get("name") == BLOCK_NAME
+
+
+def _expand(block: dict[str, Any], cfg: dict[str, Any]) -> list[dict[str, Any]]:
+    unknown = sorted(set(block) - _BLOCK_KEYS)
+    if unknown:
+        raise ValueError(f"domain_eval: unknown key(s) {unknown}; allowed: {sorted(_BLOCK_KEYS)}")
+    if "data_dir" not in block:
+        raise ValueError("domain_eval: `data_dir` (a prepare_data output folder) is required")
+    options = {k: v for k, v in block.items() if k not in ("name", "data_dir")}
+    options.setdefault("max_seq_len", cfg.get("max_seq_len"))
+    if options["max_seq_len"] is None:
+        raise ValueError("domain_eval: set `max_seq_len` in the block or at the top level of the config")
+    return domain_eval_loaders(block["data_dir"], **options)
+
+
+def expand_domain_eval(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Replace `domain_eval` blocks in `eval_loader` / `eval_loaders` with per-domain `text` loaders."""
+    loader = cfg.get("eval_loader")
+    loaders = cfg.get("eval_loaders")
+    has_block = _is_block(loader) or any(
+        _is_block(entry) for group in (loader, loaders) if isinstance(group, list) for entry in group
+    )
+    if not has_block:
+        return cfg
+    cfg = copy.deepcopy(cfg)
+    if _is_block(loader):
+        # A single block becomes several loaders; foundry expects multiple loaders under `eval_loaders`.
+        if cfg.get("eval_loaders"):
+            raise ValueError("domain_eval: set either `eval_loader` or `eval_loaders`, not both")
+        cfg.pop("eval_loader")
+        cfg["eval_loaders"] = _expand(loader, cfg)
+        return cfg
+    for key in ("eval_loader", "eval_loaders"):
+        if isinstance(cfg.get(key), list):
+            expanded: list[dict[str, Any]] = []
+            for entry in cfg[key]:
+                expanded.extend(_expand(entry, cfg) if _is_block(entry) else [entry])
+            labels = [entry.get("label") for entry in expanded]
+            duplicates = sorted({label for label in labels if labels.count(label) > 1 and label is not None})
+            if duplicates:
+                raise ValueError(f"domain_eval: evaluator label(s) {duplicates} appear more than once")
+            cfg[key] = expanded
+    return cfg
