@@ -54,10 +54,11 @@ class PruningCallback(Callback):
             "source": str(model.model.config.name_or_path),
             "hf_config": model.model.config.to_dict(),
         }
+        # Checked before DDP/FSDP wrapping, while optimizer params are still the model's own objects.
+        if state.optimizers:
+            check_optimizer_groups(model, state.optimizers[0])
 
     def fit_start(self, state: State, logger: Logger) -> None:
-        model, _ = self._l0(state)
-        check_optimizer_groups(model, state.optimizers[0])
         if self.save_masks:
             write_json(run_folder(state) / "masks" / "meta.json", self.metadata)
 

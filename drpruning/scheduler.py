@@ -281,7 +281,10 @@ class DataScheduler(Callback):
             self.policy.load_state_dict(payload["policy"])
 
         proportions = np.asarray(payload["proportions"], dtype=np.float64)
-        effective_batch = int(state.train_dataloader.dataset.set_proportions(proportions))
+        dataset = state.train_dataloader.dataset
+        effective_batch = int(dataset.set_proportions(proportions))
+        # Log what the mixer holds (it renormalises), so schedule.jsonl is exactly what was sampled from.
+        payload["proportions"] = [float(p) for p in dataset.proportions_at(effective_batch)]
         self.last_update_batch = batch
         self.num_updates += 1
         self._log(state, logger, payload, losses, batch, effective_batch)

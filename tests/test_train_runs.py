@@ -12,6 +12,19 @@ from tests.conftest import run_training
 pytestmark = pytest.mark.slow
 
 
+def _train_metric(run, name: str) -> list[float]:
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [line[name] for line in lines if name in line]
+
+
+def _assert_masks_and_multipliers_trained(run) -> None:
+    """The gates and multipliers really receive updates through the distributed wrapper."""
+    sparsity = _train_metric(run, "loss/train/expected_sparsity/layer")
+    lambdas = _train_metric(run, "loss/train/lambda_1/layer")
+    assert sparsity[-1] > sparsity[0] + 1e-3, sparsity
+    assert lambdas[0] == 0.0 and lambdas[-1] != 0.0, lambdas
+
+
 def _short(assets, folder, steps=8, interval=4) -> list[str]:
     return [
         f"variables.assets={assets}", f"save_folder={folder}", f"max_duration={steps}ba",
@@ -33,6 +46,7 @@ def test_ddp_pruning_run_writes_masks_schedule_and_checkpoints(tiny_assets, tmp_
     lines = [json.loads(line) for line in (run / "schedule.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines] == [4, 8]
     assert all(abs(sum(line["proportions"].values()) - 1) < 1e-9 for line in lines)
+    _assert_masks_and_multipliers_trained(run)
     checkpoint = torch.load(run / "ep0-ba8-rank0.pt", weights_only=False)
     assert checkpoint["state"]["callbacks"]["PruningCallback"]["l0"]["target_params"] > 0
 
@@ -48,3 +62,4 @@ def test_fsdp2_pruning_run_on_cpu(tiny_assets, tmp_path):
     masks = torch.load(run / "masks" / "ba4.pt")
     assert masks["layer"].sum() == 3 and (masks["head"].sum(-1) == 1).all()
     assert (run / "ep0-ba4-rank0.pt").exists()
+    _assert_masks_and_multipliers_trained(run)

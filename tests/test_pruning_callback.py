@@ -1,0 +1,51 @@
+"""The `pruning` callback's optimizer check: ascent for the multipliers, own learning rates for the masks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from drpruning.masks import L0Module
+from drpruning.pruning_callback import check_optimizer_groups
+from drpruning.shapes import ModelShape
+from drpruning.tiny_models import tiny_config
+
+
+class _Model(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(2, 2)
+        self.l0_module = L0Module(ModelShape.from_hf_config(tiny_config("llama_gqa")), {"n_layers": 2}, ["layer"])
+
+
+def _groups(model, lambda_lr=-1.0, gate_lr=1.0, split=True):
+    lambdas = [p for n, p in model.named_parameters() if "lambda_" in n]
+    gates = [p for n, p in model.named_parameters() if "gates." in n]
+    base = [model.linear.weight, model.linear.bias]
+    if not split:
+        return torch.optim.AdamW([{"params": base + lambdas + gates}], lr=1e-4)
+    return torch.optim.AdamW([{"params": base}, {"params": lambdas, "lr": lambda_lr},
+                              {"params": gates, "lr": gate_lr}], lr=1e-4)
+
+
+def test_correct_groups_pass():
+    model = _Model()
+    check_optimizer_groups(model, _groups(model))
+
+
+def test_multipliers_without_ascent_are_rejected():
+    model = _Model()
+    with pytest.raises(ValueError, match="negative lr"):
+        check_optimizer_groups(model, _groups(model, lambda_lr=1.0))
+
+
+def test_missing_param_groups_are_rejected_with_the_yaml_to_use():
+    model = _Model()
+    with pytest.raises(ValueError, match="param_str_match"):
+        check_optimizer_groups(model, _groups(model, split=False))
+
+
+def test_masks_at_the_model_lr_warn():
+    model = _Model()
+    with pytest.warns(UserWarning, match="mask gates train at the model's lr"):
+        check_optimizer_groups(model, _groups(model, gate_lr=1e-4))
