@@ -93,6 +93,8 @@ class DRPruningCausalLM(ComposerHFCausalLM):
         self._lagrangian: Tensor | None = None
         self._pruning_stats: dict[str, Tensor] = {}
         self.last_eval_masks: dict[str, Tensor] | None = None
+        # Eval with all gates open (the source model); the `pruning` callback sets it for evals before step 1.
+        self.evaluate_source = False
         if l0_module is not None:
             unknown = sorted(set(l0_module) - {"pruning_modules", "target", "lagrangian_warmup", "init_log_alpha"})
             if unknown:
@@ -103,7 +105,9 @@ class DRPruningCausalLM(ComposerHFCausalLM):
             self.mask_state = make_prunable(self.model, self.shape)
 
     def forward(self, batch: Mapping[str, Any]) -> Any:
-        if self.l0_module is not None:
+        if self.l0_module is not None and not self.training and self.evaluate_source:
+            self.mask_state.clear()
+        elif self.l0_module is not None:
             masks, self._lagrangian, stats = self.l0_module()
             self.mask_state.set(masks)
             if self.training:

@@ -68,6 +68,11 @@ class PruningCallback(Callback):
     def batch_end(self, state: State, logger: Logger) -> None:
         self._l0(state)[1].clamp_log_alpha_()
 
+    def eval_start(self, state: State, logger: Logger) -> None:
+        # Before the first step the target-shape masks are arbitrary (all gates equal): evaluate the source
+        # model instead, which is what the run starts from and what `reference_losses: source` must measure.
+        self._l0(state)[0].evaluate_source = int(state.timestamp.batch) == 0
+
     def eval_after_all(self, state: State, logger: Logger) -> None:
         model, _ = self._l0(state)
         masks = model.last_eval_masks

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from drpruning.evaluation import evaluate_domains
 from tests.conftest import run_training
 
 pytestmark = pytest.mark.slow
@@ -47,6 +48,11 @@ def test_ddp_pruning_run_writes_masks_schedule_and_checkpoints(tiny_assets, tmp_
     assert [line["step"] for line in lines] == [4, 8]
     assert all(abs(sum(line["proportions"].values()) - 1) < 1e-9 for line in lines)
     _assert_masks_and_multipliers_trained(run)
+    # The eval before step 1 measures the source model (all gates open), as `reference_losses: source` needs.
+    source = evaluate_domains(str(tiny_assets / "llama_gqa"), tiny_assets / "mds")
+    first_eval = _train_metric(run, "metrics/eval/prose/LanguageCrossEntropy")[0]
+    assert abs(first_eval - source["domains"]["prose"]["loss"]) < 1e-4
+    assert abs(lines[0]["reference_losses"]["prose"] - source["domains"]["prose"]["loss"]) < 1e-4
     checkpoint = torch.load(run / "ep0-ba8-rank0.pt", weights_only=False)
     assert checkpoint["state"]["callbacks"]["PruningCallback"]["l0"]["target_params"] > 0
 
