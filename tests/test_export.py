@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 from composer import Trainer
-from composer.core import Callback
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from drpruning.export import ExportError, export_run, main, prune_to_dense, pruning_summary
 from drpruning.model import DRPruningCausalLM
 from drpruning.prunable import MaskState, make_prunable
+from drpruning.pruning_callback import PruningCallback
 from drpruning.shapes import PRUNING_MODULES, ModelShape
 from drpruning.tiny import make_tiny_tokenizer
 from drpruning.tiny_models import tiny_model
@@ -196,21 +196,14 @@ def test_summary_lists_kept_units(source_models):
 TARGET = {"n_layers": 3, "hidden_size": 48, "n_heads": 4, "n_kv_heads": 1, "intermediate_size": 96}
 
 
-class PruningCallback(Callback):
-    """Test double of drpruning's `pruning` callback: the checkpoint state export reads, and the train step."""
-
-    def __init__(self, source: str):
-        self.source = source
-
-    def before_forward(self, state, logger) -> None:
-        state.model.l0_module.train_step = int(state.timestamp.batch)
-
-    def state_dict(self) -> dict:
-        model = self._model
-        return {"l0": model.l0_module.describe(), "source": self.source, "hf_config": model.model.config.to_dict()}
-
-    def fit_start(self, state, logger) -> None:
-        self._model = state.model
+def frozen_pruning_optimizer(model: DRPruningCausalLM) -> torch.optim.Optimizer:
+    """The param groups the `pruning` callback requires (ascent on λ), with steps too small to move anything."""
+    named = dict(model.named_parameters())
+    lambdas = [p for n, p in named.items() if "l0_module.lambda_" in n]
+    gates = [p for n, p in named.items() if "l0_module.gates." in n]
+    rest = [p for n, p in named.items() if "l0_module." not in n]
+    return torch.optim.SGD([{"params": rest}, {"params": lambdas, "lr": -1e-30}, {"params": gates, "lr": 1e-30}],
+                           lr=0.0)
 
 
 @pytest.fixture(scope="module")
@@ -230,9 +223,9 @@ def pruning_run(tmp_path_factory):
     ids = token_ids(vocab=len(tokenizer), batch=4, length=16)
     loader = torch.utils.data.DataLoader([{"input_ids": row, "labels": row} for row in ids], batch_size=2)
     trainer = Trainer(
-        model=model, train_dataloader=loader, max_duration="1ba", optimizers=torch.optim.SGD(model.parameters(), lr=0.0),
+        model=model, train_dataloader=loader, max_duration="1ba", optimizers=frozen_pruning_optimizer(model),
         save_folder=str(root / "run"), save_interval="1ba", device="cpu", progress_bar=False,
-        callbacks=[PruningCallback(str(source))],
+        callbacks=[PruningCallback()],
     )  # fmt: skip
     trainer.fit()
     trainer.close()
