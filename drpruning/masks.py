@@ -14,6 +14,7 @@ import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -28,9 +29,9 @@ LOG_ALPHA_BOUND = math.log(100.0)
 SCORE_SHIFT = TEMPERATURE * math.log(-STRETCH_LOW / STRETCH_HIGH)
 
 
-def sample_gates(log_alpha: Tensor) -> Tensor:
+def sample_gates(log_alpha: Tensor, generator: torch.Generator | None = None) -> Tensor:
     """One hard-concrete sample per gate: stretched, clamped binary-concrete noise."""
-    u = torch.empty_like(log_alpha).uniform_(EPSILON, 1.0 - EPSILON)
+    u = torch.empty_like(log_alpha).uniform_(EPSILON, 1.0 - EPSILON, generator=generator)
     s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + log_alpha) / TEMPERATURE)
     return (s * (STRETCH_HIGH - STRETCH_LOW) + STRETCH_LOW).clamp(0.0, 1.0)
 
@@ -81,6 +82,10 @@ class L0Module(nn.Module):
         self.lambda_2 = nn.ParameterDict({m: nn.Parameter(torch.zeros(1)) for m in self.pruning_modules})
         # Set every training step by the `pruning` callback; drives the target-sparsity warmup.
         self.train_step: int | None = None
+        # Gate noise is a pure function of (seed, rank, step, forward within the step), so a resumed run
+        # draws exactly what an uninterrupted one would (Composer restores no RNG state mid-epoch).
+        self.noise_seed, self.noise_rank = 0, 0
+        self._noise_step, self._noise_forwards = -1, 0
 
     # ---- sizes -------------------------------------------------------------------------------------
 
@@ -121,7 +126,8 @@ class L0Module(nn.Module):
                 "L0Module.train_step was never set: add the `pruning` callback (callbacks: {pruning: {}}) "
                 "to the training yaml; it feeds the step that drives the target-sparsity warmup"
             )
-        masks = {m: sample_gates(log_alpha) for m, log_alpha in self.gates.items()}
+        generator = self._noise_generator(next(iter(self.gates.values())).device)
+        masks = {m: sample_gates(log_alpha, generator) for m, log_alpha in self.gates.items()}
         scores = self.scores()
         targets = self.target_sparsity(self.train_step)
         lagrangian = torch.zeros((), device=masks[self.pruning_modules[0]].device)
@@ -136,6 +142,15 @@ class L0Module(nn.Module):
             stats[f"lambda_2/{m}"] = self.lambda_2[m].detach().reshape(())
         stats["expected_params"] = self.expected_params({m: s.detach() for m, s in scores.items()})
         return masks, lagrangian, stats
+
+    def _noise_generator(self, device: torch.device) -> torch.Generator:
+        if self.train_step != self._noise_step:
+            self._noise_step, self._noise_forwards = self.train_step, 0
+        key = np.random.SeedSequence([self.noise_seed, self.noise_rank, self.train_step, self._noise_forwards])
+        self._noise_forwards += 1
+        generator = torch.Generator(device=device)
+        generator.manual_seed(int(key.generate_state(1, np.uint64)[0]))
+        return generator
 
     @torch.no_grad()
     def deterministic_masks(self) -> dict[str, Tensor]:

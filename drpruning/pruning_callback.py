@@ -48,6 +48,7 @@ class PruningCallback(Callback):
 
     def init(self, state: State, logger: Logger) -> None:
         model, l0 = self._l0(state)
+        l0.noise_seed, l0.noise_rank = int(state.rank_zero_seed), dist.get_global_rank()
         # Saved in every checkpoint (callback state) and next to the masks: what export needs to rebuild shapes.
         self.metadata = {
             "l0": l0.describe(),

@@ -42,10 +42,12 @@ def test_icl_accuracy_is_reported(tmp_path: Path) -> None:
     make_tiny_tokenizer(model_dir)
     save_tiny_model("llama_gqa", model_dir, vocab_size=512)
     command = [
-        sys.executable, "scripts/eval.py", "yamls/eval/downstream.yaml",
-        f"variables.model_dir={model_dir}", "precision=fp32", "max_seq_len=128", "python_log_level=null",
+        sys.executable, str(REPO / "scripts" / "eval.py"), str(REPO / "yamls" / "eval" / "downstream.yaml"),
+        f"variables.model_dir={model_dir}", f"variables.tasks_dir={REPO / 'yamls' / 'eval' / 'tasks'}",
+        "precision=fp32", "max_seq_len=128", "python_log_level=null",
     ]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    # foundry writes a copy of each task file into the working directory: keep it out of the repo
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     accuracy = float(markdown_column(result.stdout, "tiny_mc", "Accuracy"))
     assert 0.0 <= accuracy <= 1.0

@@ -151,28 +151,42 @@ def test_kill_9_then_autoresume_matches_an_uninterrupted_run(tiny_assets, tmp_pa
     assert kept_masks.stat().st_mtime_ns == kept_mtime, f"the rerun did not resume from ba{restart_step}"
     run_training(YAML, _resumable(tiny_assets, full))
 
-    case = f"(killed after checkpoint ba{restart_step}, DRPRUNING_FAULT_SEED picks another)"
+    # Every comparison is made before failing, so one run tells which artefacts diverge and from where.
+    problems = _divergences(resumed, full)
+    assert not problems, (f"killed after checkpoint ba{restart_step} (DRPRUNING_FAULT_SEED picks another kill "
+                          f"point), the resumed run differs from the uninterrupted one:\n" + "\n".join(problems))
+
+
+def _divergences(resumed: Path, full: Path) -> list[str]:
+    """What differs between the two runs' final masks, schedule, train loss curve, checkpoint and data usage."""
+    problems = []
     final_masks = [torch.load(run / "masks" / f"ba{STEPS}.pt") for run in (resumed, full)]
-    assert not _differing_tensors(*final_masks), f"final masks differ {case}: {_differing_tensors(*final_masks)}"
+    if differing := _differing_tensors(*final_masks):
+        problems.append(f"masks/ba{STEPS}.pt: {differing}")
 
     schedules = [_jsonl(run / "schedule.jsonl") for run in (resumed, full)]
     assert [r["step"] for r in schedules[1]] == list(range(UPDATE_INTERVAL, STEPS + 1, UPDATE_INTERVAL))
-    for a, b in zip(*schedules, strict=True):
-        assert a == b, f"schedule.jsonl differs at step {a['step']} {case}:\n{a}\n{b}"
+    assert [r["step"] for r in schedules[0]] == [r["step"] for r in schedules[1]], "updates lost or repeated"
+    if steps := [a["step"] for a, b in zip(*schedules, strict=True) if a != b]:
+        problems.append(f"schedule.jsonl: lines of steps {steps}")
 
     losses = [_train_losses(run) for run in (resumed, full)]
     assert sorted(losses[0]) == sorted(losses[1]) == list(range(STEPS)), (sorted(losses[0]), sorted(losses[1]))
-    off = {step: (losses[0][step], losses[1][step]) for step in losses[1]
-           if not math.isclose(losses[0][step], losses[1][step], rel_tol=0, abs_tol=1e-6)}
-    assert not off, f"train loss differs after the restart {case}: step → (resumed, uninterrupted) {off}"
+    if off := {step: (losses[0][step], losses[1][step]) for step in losses[1]
+               if not math.isclose(losses[0][step], losses[1][step], rel_tol=0, abs_tol=1e-6)}:
+        problems.append(f"loss/train/total, step → (resumed, uninterrupted): {off}")
 
     states = [torch.load(run / f"ep0-ba{STEPS}-rank0.pt", weights_only=False)["state"] for run in (resumed, full)]
     l0 = [{k: v for k, v in state["model"].items() if k.startswith("l0_module.")} for state in states]
     assert l0[0], "no l0_module tensors in the checkpoint"
-    assert not _differing_tensors(*l0), f"checkpointed L0 state differs {case}: {_differing_tensors(*l0)}"
-    assert not _differing_tensors(states[0]["model"], states[1]["model"]), f"model weights differ {case}"
+    if differing := _differing_tensors(*l0):
+        problems.append(f"ep0-ba{STEPS}-rank0.pt l0_module tensors: {differing}")
+    if differing := [k for k in _differing_tensors(states[0]["model"], states[1]["model"]) if k not in l0[0]]:
+        problems.append(f"ep0-ba{STEPS}-rank0.pt model weights: {len(differing)} tensors, e.g. {differing[:3]}")
     usage = [json.loads((run / "data_usage.json").read_text()) for run in (resumed, full)]
-    assert usage[0] == usage[1], f"data usage differs {case}"
+    if usage[0] != usage[1]:
+        problems.append(f"data_usage.json: {usage[0]} vs {usage[1]}")
+    return problems
 
 
 NAN_STEP = 4

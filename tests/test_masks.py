@@ -151,3 +151,26 @@ def test_kv_heads_follow_from_heads_when_left_out():
 def test_unsupported_model_type_is_rejected():
     with pytest.raises(ShapeError, match="unsupported model_type"):
         ModelShape.from_hf_config({"model_type": "gpt2"})
+
+
+def test_gate_noise_is_a_function_of_seed_rank_step_and_forward():
+    source = ModelShape.from_hf_config(tiny_config("llama_gqa"))
+
+    def draws(seed, rank, steps):
+        l0 = L0Module(source, {"n_layers": 2, "hidden_size": 32}, ["layer", "hidden"]).train()
+        l0.noise_seed, l0.noise_rank = seed, rank
+        out = []
+        for step in steps:
+            l0.train_step = step
+            out.append(l0()[0]["hidden"])
+        return out
+
+    torch.manual_seed(123)  # the global RNG must not matter
+    a = draws(17, 0, [5, 5, 6])
+    torch.manual_seed(456)
+    b = draws(17, 0, [5, 5, 6])
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True)), "same (seed, rank, step, forward) → same noise"
+    assert not torch.equal(a[0], a[1]), "two forwards of one step (microbatches) draw different noise"
+    resumed = draws(17, 0, [6])
+    assert torch.equal(resumed[0], a[2]), "a resumed run draws what the uninterrupted run drew"
+    assert not torch.equal(draws(17, 1, [5])[0], a[0]) and not torch.equal(draws(18, 0, [5])[0], a[0])
