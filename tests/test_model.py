@@ -1,0 +1,78 @@
+"""The Composer model: loss equals HF's, per-domain statistics, config errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from drpruning.model import DomainStats, DRPruningCausalLM
+from drpruning.pruning_callback import PruningCallback
+
+TARGET = {"n_layers": 3, "hidden_size": 48, "n_heads": 4, "n_kv_heads": 1, "intermediate_size": 96}
+
+
+def _model(assets, **kwargs) -> DRPruningCausalLM:
+    source = assets / "llama_gqa"
+    return DRPruningCausalLM(tokenizer=AutoTokenizer.from_pretrained(source),
+                             pretrained_model_name_or_path=str(source), **kwargs)
+
+
+def _batch(vocab=512, domains=(0, 2, 2, 1)):
+    ids = torch.randint(0, vocab, (len(domains), 16), generator=torch.Generator().manual_seed(0))
+    return {"input_ids": ids, "labels": ids.clone(), "domain": torch.tensor(domains)}
+
+
+def test_loss_equals_hf_loss_and_domain_sums_match_by_hand(tiny_assets):
+    model = _model(tiny_assets).eval()
+    batch = _batch()
+    loss = model.loss(model(batch), batch)
+    hf = AutoModelForCausalLM.from_pretrained(tiny_assets / "llama_gqa").eval()
+    with torch.no_grad():
+        expected = hf(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+        logits = hf(input_ids=batch["input_ids"]).logits
+    assert torch.allclose(loss["total"], expected, atol=1e-5)
+    per_token = F.cross_entropy(logits[:, :-1].flatten(0, 1), batch["input_ids"][:, 1:].flatten(), reduction="none")
+    per_sequence = per_token.view(4, 15).sum(-1).double()
+    loss_sum, tokens = model.domain_stats.take(4)
+    assert torch.allclose(loss_sum, torch.stack([per_sequence[0], per_sequence[3], per_sequence[1] + per_sequence[2],
+                                                 torch.zeros((), dtype=torch.float64)]), atol=1e-6)
+    assert tokens.tolist() == [15.0, 15.0, 30.0, 0.0]
+    assert model.domain_stats.take(4)[1].sum() == 0, "take resets"
+    assert model.pruning_stats() is None
+
+
+def test_domain_ids_beyond_the_mixer_are_an_error():
+    stats = DomainStats()
+    stats.add(torch.tensor([0, 5]), torch.ones(2, 3), torch.ones(2, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"domain ids \[5\]"):
+        stats.take(3)
+
+
+def test_pruning_model_reports_stats_and_needs_its_callback(tiny_assets):
+    model = _model(tiny_assets, l0_module={"target": TARGET}).train()
+    batch = _batch()
+    with pytest.raises(RuntimeError, match="pruning"):
+        model(batch)
+    model.l0_module.train_step = 3
+    losses = model.loss(model(batch), batch)
+    assert {"lm_loss", "lagrangian_loss", "expected_sparsity/head", "lambda_1/hidden"} <= set(losses)
+    stats = model.pruning_stats()
+    assert stats["target_params"] < stats["expected_params"] <= stats["source_params"]
+
+
+@pytest.mark.parametrize("block,message", [
+    ({"target": TARGET, "warmup": 3}, "unknown l0_module keys"),
+    ({"pruning_modules": ["layer"]}, "needs a `target`"),
+])
+def test_bad_l0_module_blocks_are_rejected(tiny_assets, block, message):
+    with pytest.raises(ValueError, match=message):
+        _model(tiny_assets, l0_module=block)
+
+
+def test_resuming_toward_a_different_target_is_refused():
+    callback = PruningCallback()
+    callback.metadata = {"l0": {"target_shape": {"n_layers": 3}}}
+    with pytest.raises(ValueError, match="pruned toward"):
+        callback.load_state_dict({"l0": {"target_shape": {"n_layers": 2}}})
