@@ -237,8 +237,9 @@ class DataScheduler(Callback):
         losses = self._read_eval_losses(state)
         bad = [domain for domain, value in zip(self.domains, losses, strict=True) if not np.isfinite(value)]
         if bad:
-            self._non_finite(bad, batch, "source eval loss")
-            return
+            # Never skipped: a later eval of a half-pruned model would silently become the "source" reference.
+            raise FloatingPointError(f"DataScheduler: non-finite source eval loss for domain(s) {bad} at step "
+                                     f"{batch}; reference_losses: source needs finite losses of the source model")
         if batch > 0:
             log.warning("DataScheduler: reference losses taken from the eval at step %d, not from the source "
                         "model; set eval_first: true to measure the source model", batch)

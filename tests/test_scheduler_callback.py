@@ -406,3 +406,11 @@ def test_run_folder_follows_the_checkpoint_saver(tmp_path: Path) -> None:
     assert drpruning.runs.run_folder(run.state) == Path("runs/fake-run")
     run.state.callbacks = [CheckpointSaver(folder=str(tmp_path / "{run_name}" / "checkpoints"))]
     assert drpruning.runs.run_folder(run.state) == tmp_path / "fake-run" / "checkpoints"
+
+
+def test_nan_source_eval_stops_even_with_skip(tmp_path: Path) -> None:
+    run = Run(tmp_path)
+    run.eval_override = {2: float("nan")}
+    callback = scheduler(policy="dro", reference_losses="source", update_interval=50, on_nan="skip")
+    with pytest.raises(FloatingPointError, match=r"source eval loss for domain\(s\) \['wiki'\] at step 0"):
+        train(callback, run, 0, 50, eval_interval=50, eval_first=True)
