@@ -73,6 +73,18 @@ def load_manifest(data_dir: str | Path) -> dict[str, Any]:
         return json.load(f)
 
 
+def select_domains(manifest: dict[str, Any], domains: Sequence[str] | None, data_dir: str | Path) -> list[str]:
+    """`domains` (default: all, in manifest order) checked against a prepared folder's manifest."""
+    known = [entry["name"] for entry in manifest["domains"]]
+    selected = list(known if domains is None else domains)
+    unknown = [d for d in selected if d not in known]
+    if unknown:
+        raise ValueError(f"unknown domain(s) {unknown} in {data_dir}; known domains: {known}")
+    if not selected or len(set(selected)) != len(selected):
+        raise ValueError(f"domains must be a non-empty list without repeats, got {selected}")
+    return selected
+
+
 def parse_domain_arg(arg: str) -> tuple[str, str]:
     """Split a CLI `NAME=PATTERN` argument."""
     name, sep, pattern = arg.partition("=")

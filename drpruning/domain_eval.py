@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from drpruning.data_prep import load_manifest
+from drpruning.data_prep import load_manifest, select_domains
 
 BLOCK_NAME = "domain_eval"
 _BLOCK_KEYS = {
@@ -39,13 +39,10 @@ def domain_eval_loaders(
 ) -> list[dict[str, Any]]:
     """Stock `text` loader configs, one per domain (default: all, in manifest order), labelled by domain."""
     manifest = load_manifest(data_dir)
-    known = [entry["name"] for entry in manifest["domains"]]
-    selected = list(known if domains is None else domains)
-    unknown = [d for d in selected if d not in known]
-    if unknown:
-        raise ValueError(f"domain_eval: unknown domain(s) {unknown} in {data_dir}; known domains: {known}")
-    if not selected or len(set(selected)) != len(selected):
-        raise ValueError(f"domain_eval: domains must be a non-empty list without repeats, got {selected}")
+    try:
+        selected = select_domains(manifest, domains, data_dir)
+    except ValueError as error:
+        raise ValueError(f"domain_eval: {error}") from None
     if max_seq_len > manifest["seq_len"]:
         raise ValueError(f"domain_eval: max_seq_len {max_seq_len} exceeds the prepared seq_len {manifest['seq_len']}")
     loaders = []

@@ -30,14 +30,14 @@ from streaming import LocalDataset
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from transformers import PreTrainedTokenizerBase
 
-from drpruning.data_prep import load_manifest
+from drpruning.data_prep import load_manifest, select_domains
+from drpruning.dro import validate_proportions as check_distribution
 
 STATE_FORMAT_VERSION = 1
 BATCHES_PER_EPOCH = 1 << 40
 """Length of the single epoch: far beyond any run, so Composer never reaches an epoch boundary."""
 
 _FEISTEL_ROUNDS = 6
-_PROPORTION_TOLERANCE = 1e-6
 _COUNT_CACHE_SIZE = 256
 
 
@@ -57,10 +57,7 @@ def validate_proportions(
         values = np.asarray(proportions, dtype=np.float64).reshape(-1)
         if len(values) != len(domains):
             raise ValueError(f"got {len(values)} proportions for {len(domains)} domains {list(domains)}")
-    if not np.all(np.isfinite(values)) or np.any(values < 0):
-        raise ValueError(f"proportions must be finite and non-negative, got {values.tolist()}")
-    if abs(values.sum() - 1.0) > _PROPORTION_TOLERANCE:
-        raise ValueError(f"proportions must sum to 1, got sum {values.sum():.8f} for {values.tolist()}")
+    values = check_distribution(values)
     return values / values.sum()
 
 
@@ -248,13 +245,7 @@ class DomainMixtureDataset(Dataset):
         split: str = "train",
     ) -> None:
         manifest = load_manifest(data_dir)
-        known = [entry["name"] for entry in manifest["domains"]]
-        selected = list(known if domains is None else domains)
-        unknown = [d for d in selected if d not in known]
-        if unknown:
-            raise ValueError(f"unknown domain(s) {unknown} in {data_dir}; known domains: {known}")
-        if not selected or len(set(selected)) != len(selected):
-            raise ValueError(f"domains must be a non-empty list without repeats, got {selected}")
+        selected = select_domains(manifest, domains, data_dir)
         seq_len = int(manifest["seq_len"])
         if max_seq_len is not None and not 1 <= max_seq_len <= seq_len:
             raise ValueError(f"max_seq_len {max_seq_len} must be in [1, {seq_len}] (the prepared sequence length)")

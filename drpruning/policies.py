@@ -14,11 +14,10 @@ from typing import Any
 
 import numpy as np
 
-from drpruning.dro import dro_proportions, normalise_within_bounds
+from drpruning.dro import dro_proportions, normalise_within_bounds, validate_proportions
 from drpruning.scaling_law import predict_final_loss
 
 POLICY_NAMES = ("constant", "sheared", "dro", "drpruning")
-_SUM_TOLERANCE = 1e-6
 
 
 @dataclass(frozen=True)
@@ -39,23 +38,6 @@ class Decision:
     proportions: np.ndarray
     reference_losses: np.ndarray | None  # ℓ_R used for this update (None if the policy has none)
     reference_ratio: np.ndarray  # p_R used for this update
-
-
-def validate_proportions(values: Sequence[float] | np.ndarray, num_domains: int | None = None,
-                         name: str = "proportions") -> np.ndarray:
-    """A float64 copy of `values` if it is a distribution (finite, ≥ 0, sums to 1 within 1e-6).
-
-    Not renormalised, so saved state round-trips bit for bit."""
-    array = np.asarray(values, dtype=np.float64)
-    if array.ndim != 1 or array.size == 0:
-        raise ValueError(f"{name} must be a non-empty list, got shape {array.shape}")
-    if num_domains is not None and array.size != num_domains:
-        raise ValueError(f"{name} has {array.size} entries but there are {num_domains} domains")
-    if not np.all(np.isfinite(array)) or np.any(array < 0):
-        raise ValueError(f"{name} must be finite and non-negative, got {array.tolist()}")
-    if abs(array.sum() - 1.0) > _SUM_TOLERANCE:
-        raise ValueError(f"{name} must sum to 1, got {array.sum():.8f}")
-    return array
 
 
 class Policy(ABC):

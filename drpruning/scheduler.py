@@ -21,7 +21,8 @@ from composer.core import Callback, State, TimeUnit
 from composer.loggers import Logger
 from composer.utils import dist
 
-from drpruning.policies import Observation, Policy, make_policy, validate_proportions
+from drpruning.dro import validate_proportions
+from drpruning.policies import Observation, Policy, make_policy
 from drpruning.runs import append_jsonl, keep_jsonl_lines, run_folder, unwrap_model, write_json
 
 log = logging.getLogger(__name__)
