@@ -43,6 +43,7 @@ def run_one(policy: str, seed: int, args: argparse.Namespace, source: Path, data
         overrides = [
             f"variables.source={source}", f"variables.data={data}", f"save_folder={run}",
             f"variables.steps={args.steps}", f"variables.update_interval={args.update_interval}",
+            f"model.l0_module.lagrangian_warmup={max(1, int(0.4 * args.steps))}ba",
             f"seed={seed}", f"train_loader.seed={seed}", f"callbacks.data_scheduler.policy={policy}",
             f"run_name=ablation-{policy}-seed{seed}", "save_overwrite=true", "autoresume=false",
         ]
