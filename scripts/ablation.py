@@ -110,12 +110,18 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[17, 18])
     parser.add_argument("--policies", nargs="+", default=list(POLICIES), choices=POLICIES)
     parser.add_argument("--ranks", type=int, default=2)
+    parser.add_argument("--report-only", action="store_true", help="tabulate the runs that have finished")
     args = parser.parse_args()
     args.out = args.out.resolve()
     source, data = (args.demo / "source").resolve(), (args.demo / "data").resolve()
     if not (source / ".complete").exists() or not (data / "manifest.json").exists():
         raise SystemExit(f"run `make demo` first (needs {source} and {data})")
-    results = [run_one(policy, seed, args, source, data) for seed in args.seeds for policy in args.policies]
+    runs = [(policy, seed) for seed in args.seeds for policy in args.policies]
+    if args.report_only:
+        runs = [(p, s) for p, s in runs if (args.out / f"{p}-seed{s}" / "runtime_s.txt").exists()]
+        if not runs:
+            raise SystemExit(f"no finished runs in {args.out}")
+    results = [run_one(policy, seed, args, source, data) for policy, seed in runs]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     write_markdown(results, args, args.out / "results.md")
