@@ -163,11 +163,12 @@ def normalise_within_bounds(x: np.ndarray, lower: np.ndarray, upper: np.ndarray)
 def dro_proportions(losses: np.ndarray | list[float], reference_losses: np.ndarray | list[float],
                     reference_ratio: np.ndarray | list[float], rho: float = 0.1,
                     clip: float | None = None) -> np.ndarray:
-    """The sampling proportions of the `dro` policy: q* for v = ℓ − ℓ_R, floored at `clip`.
+    """The sampling proportions of the `dro` policy: q* for v = ℓ − ℓ_R, truncated from below at `clip`
+    (default min(p_R)) and renormalised, as the method specifies.
 
-    `clip` defaults to min(p_R). The floor is applied with `normalise_within_bounds`, so every
-    returned entry is ≥ clip and the vector sums to 1; entries above the floor are scaled down
-    together. The floor can move q slightly outside the χ² ball; q* itself is inside.
+    After renormalising, an entry at the floor sits slightly below it (at clip / Σ max(q*, clip)). An exact
+    floor would be wrong here: with uniform p_R the floor is 1/n, and an exact floor would pin q to p_R,
+    switching DRO off. The truncation can move q slightly outside the χ² ball; q* itself is inside.
     """
     p = _as_distribution(reference_ratio, "reference_ratio")
     losses = np.asarray(losses, dtype=np.float64)
@@ -178,5 +179,5 @@ def dro_proportions(losses: np.ndarray | list[float], reference_losses: np.ndarr
     floor = float(p.min()) if clip is None else float(clip)
     if not 0.0 <= floor <= 1.0 / p.size:
         raise ValueError(f"clip must lie in [0, 1/num_domains = {1.0 / p.size:.6g}], got {floor}")
-    q = worst_case_proportions(losses - reference_losses, p, rho)
-    return normalise_within_bounds(q, np.full_like(q, floor), np.ones_like(q))
+    q = np.maximum(worst_case_proportions(losses - reference_losses, p, rho), floor)
+    return q / q.sum()
