@@ -470,7 +470,7 @@ def export_run(
     _check_out_dir(out_dir, overwrite)
     loaded = load_pruning_checkpoint(checkpoint_or_run_dir)
     model, l0_module = loaded.model, loaded.l0_module
-    masks = l0_module.deterministic_masks()
+    masks = l0_module.target_masks()
     dense = prune_to_dense(model, masks)
     exported = ModelShape.from_hf_config(dense.config).target_dict()
     if exported != l0_module.target.target_dict():

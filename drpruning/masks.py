@@ -3,8 +3,13 @@ Sheared-LLaMA, paper §2.1).
 
 `L0Module` owns one gate tensor per pruning module and the Lagrange multipliers. In training it samples
 gates (one sample per gate per forward) and returns the Lagrangian; in eval it returns deterministic
-masks that keep exactly the target number of units per row. Its parameters live in this child module
-and are only read inside `forward`, so FSDP gathers them and DDP syncs their gradients.
+masks. Those score the **current** model by default (per row, the round(Σ score) highest-scoring units,
+the size the gates currently expect), as the reference scripts do (`eval_target_model: false`): the
+target-shaped model, whose kept units early on are chosen by barely-trained gates, scores worse than a
+uniform guess and hides which domains the model is losing (SPEC §3). `eval_masks: target` scores the
+target shape instead; export always keeps exactly the target count (`target_masks`). Its parameters
+live in this child module and are only read inside `forward`, so FSDP gathers them and DDP syncs their
+gradients.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ EPSILON = 1e-6
 LOG_ALPHA_BOUND = math.log(100.0)
 # P(z > 0) = sigmoid(log_alpha - SCORE_SHIFT)
 SCORE_SHIFT = TEMPERATURE * math.log(-STRETCH_LOW / STRETCH_HIGH)
+# What the eval-mode masks keep per row: the current expected count, or the final target count.
+EVAL_MASKS = ("current", "target")
 
 
 def sample_gates(log_alpha: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -62,6 +69,7 @@ class L0Module(nn.Module):
         pruning_modules: Iterable[str] = ("layer", "head", "intermediate", "hidden"),
         lagrangian_warmup: int | str = 0,
         init_log_alpha: float = LOG_ALPHA_BOUND,
+        eval_masks: str = "current",
     ):
         super().__init__()
         self.source = source
@@ -70,6 +78,10 @@ class L0Module(nn.Module):
         self.lagrangian_warmup = parse_batches(lagrangian_warmup, "lagrangian_warmup")
         if not -LOG_ALPHA_BOUND <= init_log_alpha <= LOG_ALPHA_BOUND:
             raise ShapeError(f"init_log_alpha={init_log_alpha} is outside ±{LOG_ALPHA_BOUND:.3f}")
+        if eval_masks not in EVAL_MASKS:
+            raise ShapeError(f"eval_masks={eval_masks!r} must be one of {', '.join(EVAL_MASKS)}: 'current' scores "
+                             "the model the gates currently expect (the method's default), 'target' the final shape")
+        self.eval_masks = eval_masks
 
         sizes, target_sizes = module_sizes(source), module_sizes(self.target)
         rows = {"layer": (), "head": (source.n_layers,), "intermediate": (source.n_layers,), "hidden": ()}
@@ -85,6 +97,7 @@ class L0Module(nn.Module):
         # Gate noise is a pure function of (seed, rank, step, forward within the step), so a resumed run
         # draws exactly what an uninterrupted one would (Composer restores no RNG state mid-epoch).
         self.noise_seed, self.noise_rank = 0, 0
+        self.last_target_masks: dict[str, Tensor] | None = None
         self._noise_step, self._noise_forwards = -1, 0
 
     # ---- sizes -------------------------------------------------------------------------------------
@@ -120,7 +133,10 @@ class L0Module(nn.Module):
     def forward(self) -> tuple[dict[str, Tensor], Tensor | None, dict[str, Tensor]]:
         """Returns (masks, lagrangian or None in eval, detached stats for logging)."""
         if not self.training:
-            return self.deterministic_masks(), None, {}
+            # Cached here, where FSDP has gathered the gates: the pruning callback dumps them after evals.
+            self.last_target_masks = self.target_masks()
+            masks = self.last_target_masks if self.eval_masks == "target" else self.current_masks()
+            return masks, None, {}
         if self.train_step is None:
             raise RuntimeError(
                 "L0Module.train_step was never set: add the `pruning` callback (callbacks: {pruning: {}}) "
@@ -154,8 +170,36 @@ class L0Module(nn.Module):
 
     @torch.no_grad()
     def deterministic_masks(self) -> dict[str, Tensor]:
-        """Keep exactly the target number of units per row, chosen by score; kept units have value 1."""
+        """The eval-mode masks: `current_masks()` or `target_masks()`, as `eval_masks` says."""
+        return self.current_masks() if self.eval_masks == "current" else self.target_masks()
+
+    @torch.no_grad()
+    def target_masks(self) -> dict[str, Tensor]:
+        """Keep exactly the target number of units per row, chosen by score; kept units have value 1.
+
+        This is the pruned architecture: export and the mask dumps always use it."""
         return {m: top_k_mask(log_alpha, self.keep[m]) for m, log_alpha in self.gates.items()}
+
+    @torch.no_grad()
+    def current_masks(self) -> dict[str, Tensor]:
+        """Keep round(Σ P(z > 0)) units per row (at least one), chosen by score; kept units have value 1.
+
+        The model the gates currently expect: fresh gates keep (almost) every unit, converged gates the
+        target count. Rows of one mask may keep different counts (each row its own expected size)."""
+        masks = {}
+        for m, log_alpha in self.gates.items():
+            rows = gate_scores(log_alpha).reshape(-1, log_alpha.shape[-1])
+            keep = rows.sum(-1).round().clamp(min=1).long()  # float32 sums: exact to ~1e-4 of a unit
+            order = torch.argsort(log_alpha.detach().reshape(rows.shape), dim=-1, descending=True, stable=True)
+            rank = torch.empty_like(order).scatter_(-1, order, torch.arange(rows.shape[-1], device=order.device)
+                                                    .expand_as(order).contiguous())
+            masks[m] = (rank < keep[:, None]).float().reshape(log_alpha.shape)
+        return masks
+
+    @staticmethod
+    def kept_units(masks: Mapping[str, Tensor]) -> dict[str, float]:
+        """Mean number of kept units per row of each mask (what a plot of the scored model's size needs)."""
+        return {m: float((mask > 0).float().sum(-1).mean()) for m, mask in masks.items()}
 
     @torch.no_grad()
     def clamp_log_alpha_(self) -> None:
@@ -171,6 +215,7 @@ class L0Module(nn.Module):
             "target_shape": dataclasses.asdict(self.target),
             "final_sparsity": dict(self.final_sparsity),
             "lagrangian_warmup": self.lagrangian_warmup,
+            "eval_masks": self.eval_masks,
             "source_params": self.source.num_params(),
             "target_params": self.target.num_params(),
         }

@@ -77,6 +77,7 @@ class DRPruningCausalLM(ComposerHFCausalLM):
             pruning_modules: [layer, head, intermediate, hidden]
             target: {n_layers: 24, hidden_size: 2048, n_heads: 16, n_kv_heads: 16, intermediate_size: 5504}
             lagrangian_warmup: 640ba
+            eval_masks: current            # evals score the current expected size; `target`: the final shape
     """
 
     def __init__(
@@ -96,7 +97,8 @@ class DRPruningCausalLM(ComposerHFCausalLM):
         # Eval with all gates open (the source model); the `pruning` callback sets it for evals before step 1.
         self.evaluate_source = False
         if l0_module is not None:
-            unknown = sorted(set(l0_module) - {"pruning_modules", "target", "lagrangian_warmup", "init_log_alpha"})
+            unknown = sorted(set(l0_module) - {"pruning_modules", "target", "lagrangian_warmup", "init_log_alpha",
+                                             "eval_masks"})
             if unknown:
                 raise ValueError(f"unknown l0_module keys {unknown}")
             if "target" not in l0_module:

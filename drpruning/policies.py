@@ -107,14 +107,19 @@ class ConstantPolicy(Policy):
 
 
 class ShearedPolicy(Policy):
-    """Sheared-LLaMA dynamic batch loading: q ∝ q_prev·exp(η·max(ℓ − ℓ_ref, 0)), then (1−c)·q + c/n."""
+    """Sheared-LLaMA dynamic batch loading: q ∝ q_prev·exp(η·Δ), then (1−c)·q + c/n.
+
+    Δ = ℓ − ℓ_ref by default, as Sheared-LLaMA's code (and so the DRPruning paper's ReSheared baseline)
+    ran it: a domain below its reference is pushed down. `clip_excess=True` gives Δ = max(ℓ − ℓ_ref, 0),
+    the Sheared-LLaMA paper's Algorithm 1, where such a domain only keeps its weight (relative to others).
+    """
 
     name = "sheared"
     needs_reference_losses = True
 
     def __init__(self, initial_proportions: Sequence[float] | np.ndarray,
                  reference_losses: Sequence[float] | np.ndarray | None = None, eta: float = 1.0,
-                 smoothing: float = 1e-4) -> None:
+                 smoothing: float = 1e-4, clip_excess: bool = False) -> None:
         super().__init__(initial_proportions, reference_losses)
         if not math.isfinite(eta) or eta < 0:
             raise ValueError(f"eta must be finite and ≥ 0, got {eta}")
@@ -122,11 +127,14 @@ class ShearedPolicy(Policy):
             raise ValueError(f"smoothing must lie in [0, 1], got {smoothing}")
         self.eta = float(eta)
         self.smoothing = float(smoothing)
+        self.clip_excess = bool(clip_excess)
         self.proportions = self.initial_proportions.copy()
 
     def _update(self, observation: Observation) -> Decision:
         assert self._reference_losses is not None
-        gap = np.maximum(np.asarray(observation.losses, dtype=np.float64) - self._reference_losses, 0.0)
+        gap = np.asarray(observation.losses, dtype=np.float64) - self._reference_losses
+        if self.clip_excess:
+            gap = np.maximum(gap, 0.0)
         with np.errstate(divide="ignore"):
             logits = np.log(self.proportions) + self.eta * gap
         weights = np.exp(logits - logits.max())
@@ -148,10 +156,14 @@ class DROPolicy(Policy):
 
     Each update, in the paper's order (§3.3 "Overall process"):
     1. record (P, T, ℓ) per domain in the history (when the dynamic reference loss is on);
-    2. from `reference_loss_start` of training: ℓ_R ← min(ℓ_R, scaling-law prediction at the end
-       of training), per domain, once it has `min_points` points (so ℓ_R never increases);
+    2. from `reference_loss_start` of training, per domain once it has `min_points` points:
+       baseline = min(scaling-law prediction at the end of training, lowest observed loss); at the
+       domain's first fit ℓ_R ← baseline (replacing the configured or `source` value, so it may go
+       up), afterwards ℓ_R ← min(ℓ_R, baseline) (it never rises again) — the reference code's rule;
     3. q = DRO(ℓ, ℓ_R, p_R, ρ), floored at min(p_R);
-    4. from `reference_ratio_start`: p_R ← δ·q + (1−δ)·p_R clamped to [p0/n, n·p0] and renormalised.
+    4. from `reference_ratio_start`: p_R ← δ·q + (1−δ)·p_R clamped to [p0/n, n·p0] and renormalised,
+       then (`clamp_ratio_to_initial_range`, on in every version of the reference code) clamped to
+       [min p0, max p0] and renormalised. With uniform p0 that second clamp freezes p_R at p0.
     """
 
     needs_reference_losses = True
@@ -160,7 +172,8 @@ class DROPolicy(Policy):
                  reference_losses: Sequence[float] | np.ndarray | None = None, rho: float = 0.1, *,
                  dynamic_reference_loss: bool = False, dynamic_reference_ratio: bool = False,
                  delta: float = 0.1, ratio_bound: float = 2.0, reference_loss_start: float = 0.2,
-                 reference_ratio_start: float = 0.4, min_points: int = 8, max_history: int = 64) -> None:
+                 reference_ratio_start: float = 0.4, min_points: int = 8, max_history: int = 64,
+                 clamp_ratio_to_initial_range: bool = True) -> None:
         super().__init__(initial_proportions, reference_losses)
         if not math.isfinite(rho) or rho < 0:
             raise ValueError(f"rho must be finite and ≥ 0, got {rho}")
@@ -186,8 +199,11 @@ class DROPolicy(Policy):
         self.reference_ratio_start = float(reference_ratio_start)
         self.min_points = int(min_points)
         self.max_history = int(max_history)
+        self.clamp_ratio_to_initial_range = bool(clamp_ratio_to_initial_range)
         self.reference_ratio = self.initial_proportions.copy()
         self.history: list[dict[str, Any]] = []
+        # Per domain: has a scaling-law fit set ℓ_R yet? The first fit replaces ℓ_R, later ones only lower it.
+        self.fitted = np.zeros(self.num_domains, dtype=bool)
 
     def _update(self, observation: Observation) -> Decision:
         assert self._reference_losses is not None
@@ -195,12 +211,13 @@ class DROPolicy(Policy):
         if self.dynamic_reference_loss:
             self._record(observation)
             if observation.progress >= self.reference_loss_start:
-                self._lower_reference_losses(observation)
+                self._fit_reference_losses(observation)
         reference_ratio = self.reference_ratio.copy()
         proportions = dro_proportions(losses, self._reference_losses, reference_ratio, self.rho)
         if self.dynamic_reference_ratio and observation.progress >= self.reference_ratio_start:
             self.reference_ratio = drift_reference_ratio(reference_ratio, proportions, self.initial_proportions,
-                                                         self.delta, self.ratio_bound)
+                                                         self.delta, self.ratio_bound,
+                                                         self.clamp_ratio_to_initial_range)
         return Decision(proportions, self.reference_losses, reference_ratio)
 
     def _record(self, observation: Observation) -> None:
@@ -216,7 +233,7 @@ class DROPolicy(Policy):
         if len(self.history) > self.max_history:
             del self.history[_most_redundant_point([entry["progress"] for entry in self.history])]
 
-    def _lower_reference_losses(self, observation: Observation) -> None:
+    def _fit_reference_losses(self, observation: Observation) -> None:
         assert self._reference_losses is not None
         tokens = np.array([entry["tokens"] for entry in self.history])
         losses = np.array([entry["losses"] for entry in self.history])
@@ -226,25 +243,46 @@ class DROPolicy(Policy):
         for domain in range(self.num_domains):
             prediction = predict_final_loss(losses[:, domain], tokens[:, domain], params, float(tokens_end[domain]),
                                             observation.params_end, min_points=self.min_points)
-            if prediction is not None:
+            if prediction is None:
+                continue
+            # `predict_final_loss` already caps the prediction at the lowest observed loss (the baseline).
+            if self.fitted[domain]:
                 self._reference_losses[domain] = min(self._reference_losses[domain], prediction)
+            else:
+                self._reference_losses[domain] = prediction
+                self.fitted[domain] = True
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "reference_ratio": _plain(self.reference_ratio),
-                "history": [dict(entry) for entry in self.history]}
+                "history": [dict(entry) for entry in self.history], "fitted": self.fitted.tolist()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         super().load_state_dict(state)
         self.reference_ratio = validate_proportions(state["reference_ratio"], self.num_domains, "saved reference_ratio")
         self.history = [dict(entry) for entry in state["history"]]
+        if "fitted" not in state:
+            raise ValueError("the checkpoint's drpruning policy state predates the first-fit reference-loss rule "
+                             "(no 'fitted' flags); start a new run")
+        self.fitted = np.array(state["fitted"], dtype=bool)
+        if self.fitted.shape != (self.num_domains,):
+            raise ValueError(f"saved 'fitted' flags have {self.fitted.size} entries, expected {self.num_domains}")
 
 
 def drift_reference_ratio(reference_ratio: np.ndarray, proportions: np.ndarray, initial_proportions: np.ndarray,
-                          delta: float, ratio_bound: float) -> np.ndarray:
-    """p_R ← δ·q + (1−δ)·p_R, then every domain kept within [p0/n, n·p0] with Σ = 1 (paper eq. 6)."""
+                          delta: float, ratio_bound: float, clamp_to_initial_range: bool = True) -> np.ndarray:
+    """p_R ← δ·q + (1−δ)·p_R, then every domain kept within [p0/n, n·p0] with Σ = 1 (paper eq. 6).
+
+    With `clamp_to_initial_range` (every version of the reference code; the paper is silent), each domain
+    is then also kept within [min_g p0_g, max_g p0_g] with Σ = 1: on the multilingual p0 this holds th
+    and ko at ≥ 5.82 % and en at ≤ 27.7 % (paper Table 7). Both steps are "clamp then renormalise" done
+    so that the bounds still hold after renormalising (`normalise_within_bounds`)."""
+    p0 = np.asarray(initial_proportions, dtype=np.float64)
     moved = delta * np.asarray(proportions, dtype=np.float64) + (1.0 - delta) * np.asarray(reference_ratio)
-    return normalise_within_bounds(moved, initial_proportions / ratio_bound,
-                                   np.minimum(initial_proportions * ratio_bound, 1.0))
+    drifted = normalise_within_bounds(moved, p0 / ratio_bound, np.minimum(p0 * ratio_bound, 1.0))
+    if not clamp_to_initial_range:
+        return drifted
+    lower, upper = np.full_like(p0, p0.min()), np.full_like(p0, p0.max())
+    return normalise_within_bounds(drifted, lower, upper)
 
 
 def _most_redundant_point(progress: list[float]) -> int:
@@ -263,7 +301,8 @@ def make_policy(name: str, initial_proportions: Sequence[float] | np.ndarray,
                 dynamic_reference_loss: bool | None = None, dynamic_reference_ratio: bool | None = None,
                 rho: float = 0.1, delta: float = 0.1, ratio_bound: float = 2.0, reference_loss_start: float = 0.2,
                 reference_ratio_start: float = 0.4, min_points: int = 8, max_history: int = 64, eta: float = 1.0,
-                smoothing: float = 1e-4) -> Policy:
+                smoothing: float = 1e-4, clip_excess: bool = False,
+                clamp_ratio_to_initial_range: bool = True) -> Policy:
     """Build a policy by name. The dynamic parts default to on for `drpruning` and off otherwise;
     switching one off under `drpruning` (or on under `dro`) gives the paper's ablations."""
     if name not in POLICY_NAMES:
@@ -276,11 +315,13 @@ def make_policy(name: str, initial_proportions: Sequence[float] | np.ndarray,
     if name == "constant":
         return ConstantPolicy(initial_proportions, reference_losses)
     if name == "sheared":
-        return ShearedPolicy(initial_proportions, reference_losses, eta=eta, smoothing=smoothing)
+        return ShearedPolicy(initial_proportions, reference_losses, eta=eta, smoothing=smoothing,
+                             clip_excess=clip_excess)
     return DROPolicy(initial_proportions, reference_losses, rho, dynamic_reference_loss=dynamic_reference_loss,
                      dynamic_reference_ratio=dynamic_reference_ratio, delta=delta, ratio_bound=ratio_bound,
                      reference_loss_start=reference_loss_start, reference_ratio_start=reference_ratio_start,
-                     min_points=min_points, max_history=max_history)
+                     min_points=min_points, max_history=max_history,
+                     clamp_ratio_to_initial_range=clamp_ratio_to_initial_range)
 
 
 def _plain(values: np.ndarray | None) -> list[float] | None:

@@ -1,5 +1,6 @@
 """The `pruning` callback: feeds the train step to the masks, keeps log alpha in range, checks that the
-optimizer trains masks and Lagrange multipliers as the method needs, and dumps deterministic masks.
+optimizer trains masks and Lagrange multipliers as the method needs, logs the size of the model each
+eval scored, and dumps the target-shape masks (the architecture an export at that step would keep).
 
 Registered in LLM-Foundry as `pruning`; a pruning yaml lists it as `callbacks: {pruning: {}}`.
 """
@@ -14,7 +15,13 @@ from composer.core import Callback, State
 from composer.loggers import Logger
 from composer.utils import dist
 
+from drpruning.masks import L0Module
 from drpruning.runs import run_folder, unwrap_model, write_json
+from drpruning.shapes import module_sizes
+
+# Logged at every eval: mean kept units per row of each mask, and the parameter count of the scored model.
+EVAL_KEPT_PREFIX = "metrics/eval_masks/kept/"
+EVAL_PARAMS_KEY = "metrics/eval_masks/params"
 
 OPTIMIZER_HELP = """\
 optimizer:
@@ -29,7 +36,8 @@ class PruningCallback(Callback):
     """Drives and records an `L0Module` training run.
 
     Args:
-        save_masks: write `<run folder>/masks/ba<step>.pt` (deterministic masks) after every eval.
+        save_masks: write `<run folder>/masks/ba<step>.pt` after every eval: the target-count masks, i.e.
+            the architecture an export at that step keeps (whatever `eval_masks` the evals score).
     """
 
     def __init__(self, save_masks: bool = True):
@@ -75,13 +83,24 @@ class PruningCallback(Callback):
         self._l0(state)[0].evaluate_source = int(state.timestamp.batch) == 0
 
     def eval_after_all(self, state: State, logger: Logger) -> None:
-        model, _ = self._l0(state)
-        masks = model.last_eval_masks
-        if not self.save_masks or masks is None or dist.get_global_rank() != 0:
+        model, l0 = self._l0(state)
+        step = int(state.timestamp.batch)
+        # The size of the model these evals scored (the `eval_masks` choice), so plots can show it.
+        if model.evaluate_source or model.last_eval_masks is None:  # all gates open: the source model
+            sizes = module_sizes(l0.source)
+            metrics = {f"{EVAL_KEPT_PREFIX}{m}": float(sizes[m]) for m in l0.pruning_modules}
+            metrics[EVAL_PARAMS_KEY] = float(l0.source.num_params())
+        else:
+            scored = {m: t.detach().float().cpu() for m, t in model.last_eval_masks.items()}
+            metrics = {f"{EVAL_KEPT_PREFIX}{m}": kept for m, kept in L0Module.kept_units(scored).items()}
+            metrics[EVAL_PARAMS_KEY] = float(l0.expected_params(scored))
+        logger.log_metrics(metrics)
+        masks = l0.last_target_masks
+        if not self.save_masks or step == 0 or masks is None or dist.get_global_rank() != 0:
             return
         folder = run_folder(state) / "masks"
         folder.mkdir(parents=True, exist_ok=True)
-        torch.save({m: t.detach().cpu() for m, t in masks.items()}, folder / f"ba{int(state.timestamp.batch)}.pt")
+        torch.save({m: t.detach().cpu() for m, t in masks.items()}, folder / f"ba{step}.pt")
 
     def state_dict(self) -> dict[str, Any]:
         return dict(self.metadata)

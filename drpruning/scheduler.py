@@ -48,7 +48,11 @@ class DataScheduler(Callback):
         rho, delta, ratio_bound, reference_loss_start, reference_ratio_start, min_points, max_history:
             DRO and DRPruning settings (`drpruning.policies.DROPolicy`).
         ema: λ of the train-loss EMA.
+        clamp_ratio_to_initial_range: after the drift, also keep p_R within [min p0, max p0] (reference
+            code, on in the paper's runs; with uniform p0 it freezes p_R).
         eta, smoothing: `sheared` settings.
+        clip_excess: `sheared` with Δ = max(ℓ − ℓ_ref, 0) (Sheared-LLaMA's paper) instead of the unclipped
+            Δ its code used, which produced the DRPruning paper's ReSheared baseline (default).
         on_nan: `error` (raise, naming the domain and step) or `skip` (leave the proportions unchanged).
     """
 
@@ -59,6 +63,7 @@ class DataScheduler(Callback):
                  rho: float = 0.1, ema: float = 0.1, delta: float = 0.1, ratio_bound: float = 2.0,
                  reference_loss_start: float = 0.2, reference_ratio_start: float = 0.4, eta: float = 1.0,
                  smoothing: float = 1e-4, min_points: int = 8, max_history: int = 64,
+                 clip_excess: bool = False, clamp_ratio_to_initial_range: bool = True,
                  on_nan: str = "error") -> None:
         if isinstance(update_interval, bool) or not isinstance(update_interval, int) or update_interval < 1:
             raise ValueError(f"update_interval must be an integer number of batches ≥ 1, got {update_interval!r}")
@@ -76,7 +81,7 @@ class DataScheduler(Callback):
             dynamic_reference_loss=dynamic_reference_loss, dynamic_reference_ratio=dynamic_reference_ratio, rho=rho,
             delta=delta, ratio_bound=ratio_bound, reference_loss_start=reference_loss_start,
             reference_ratio_start=reference_ratio_start, min_points=min_points, max_history=max_history, eta=eta,
-            smoothing=smoothing)
+            smoothing=smoothing, clip_excess=clip_excess, clamp_ratio_to_initial_range=clamp_ratio_to_initial_range)
         # Surface every policy-level config error now rather than after the model has loaded.
         probe = make_policy(policy, [1.0], **self._policy_options)
         if probe.needs_reference_losses and reference_losses is None:

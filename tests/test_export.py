@@ -233,8 +233,13 @@ def pruning_run(tmp_path_factory):
 
 
 def composer_logits(model: DRPruningCausalLM, ids: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return model({"input_ids": ids}).logits
+    """The masked model scored at the target shape (the run itself evaluated its current size)."""
+    model.l0_module.eval_masks = "target"
+    try:
+        with torch.no_grad():
+            return model({"input_ids": ids}).logits
+    finally:
+        model.l0_module.eval_masks = "current"
 
 
 def test_script_exports_a_real_checkpoint(pruning_run, tmp_path):

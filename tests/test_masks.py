@@ -51,18 +51,63 @@ def test_gates_start_open_and_scores_match_sampling_frequency():
     assert gate_scores(l0.gates["layer"]).min() > 0.99, "every gate starts open: the pruned model starts as the source"
 
 
-def test_deterministic_masks_keep_exact_counts_per_row():
+def test_target_masks_keep_exact_counts_per_row():
     source = ModelShape.from_hf_config(tiny_config("llama_gqa"))
-    l0 = L0Module(source, {"n_layers": 3, "hidden_size": 48, "n_heads": 4, "intermediate_size": 100}, ALL)
+    l0 = L0Module(source, {"n_layers": 3, "hidden_size": 48, "n_heads": 4, "intermediate_size": 100}, ALL,
+                  eval_masks="target")
     with torch.no_grad():
         for p in l0.gates.values():
             p.normal_()
     masks = l0.eval().deterministic_masks()
+    for m, mask in l0.target_masks().items():
+        assert torch.equal(mask, masks[m])  # eval_masks: target is the old behaviour: the final shape
     assert masks["layer"].sum() == 3 and masks["hidden"].sum() == 48
     assert (masks["head"].sum(-1) == 1).all() and (masks["intermediate"].sum(-1) == 100).all()
     # the kept units are the highest-scoring ones
     head_scores = l0.gates["head"]
     assert (head_scores[masks["head"] == 1] >= head_scores.max(-1).values - 1e-6).all()
+
+
+def test_current_masks_keep_the_expected_count_per_row_top_by_score():
+    source = ModelShape.from_hf_config(tiny_config("llama_gqa"))
+    l0 = L0Module(source, {"n_layers": 3, "hidden_size": 48, "n_heads": 4, "intermediate_size": 100}, ALL)
+    assert l0.eval_masks == "current"  # the method's default (reference scripts: eval_target_model false)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in l0.gates.values():
+            p.copy_(torch.randn(p.shape, generator=generator) * 3)
+    masks, _, _ = l0.eval()()
+    for m, log_alpha in l0.gates.items():
+        scores = gate_scores(log_alpha.detach()).reshape(-1, log_alpha.shape[-1])
+        mask = masks[m].reshape(scores.shape)
+        expected_keep = scores.sum(-1).round().clamp(min=1)  # a row always keeps one unit
+        assert torch.equal(mask.sum(-1), expected_keep), m
+        assert set(mask.unique().tolist()) <= {0.0, 1.0}
+        for row in range(scores.shape[0]):  # every kept unit outscores every dropped one
+            kept, dropped = scores[row][mask[row] == 1], scores[row][mask[row] == 0]
+            if dropped.numel():
+                assert kept.min() >= dropped.max()
+    assert not torch.equal(masks["intermediate"], l0.target_masks()["intermediate"])
+    assert l0.last_target_masks is not None and torch.equal(l0.last_target_masks["head"], l0.target_masks()["head"])
+    # rows of one mask keep their own counts: the model that is scored, not a uniform shape
+    assert l0.kept_units(masks)["intermediate"] == pytest.approx(float(masks["intermediate"].sum(-1).mean()))
+
+
+def test_current_masks_with_fresh_gates_are_almost_the_source():
+    source = ModelShape.from_hf_config(tiny_config("llama_gqa"))
+    l0 = L0Module(source, {"n_layers": 3, "hidden_size": 48, "n_heads": 4, "intermediate_size": 100}, ALL)
+    kept = l0.kept_units(l0.current_masks())
+    sizes = {"layer": source.n_layers, "head": source.n_kv_heads, "intermediate": source.intermediate_size,
+             "hidden": source.hidden_size}
+    for m, size in sizes.items():  # P(z > 0) ≈ 0.998 at the start: at most 0.2 % of the units are left out
+        assert size * 0.997 <= kept[m] <= size
+    assert l0.kept_units(l0.target_masks())["intermediate"] == 100
+
+
+def test_eval_masks_option_is_checked():
+    source = ModelShape.from_hf_config(tiny_config("llama_gqa"))
+    with pytest.raises(ShapeError, match="eval_masks"):
+        L0Module(source, {"n_layers": 3}, ["layer"], eval_masks="final")
 
 
 def test_lagrangian_drives_expected_sparsity_to_target():

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from drpruning.dro import dro_proportions
-from drpruning.policies import ConstantPolicy, DROPolicy, Observation, ShearedPolicy, make_policy
+from drpruning.policies import (ConstantPolicy, DROPolicy, Observation, ShearedPolicy, drift_reference_ratio,
+                                make_policy)
 
 P0 = np.array([0.67, 0.15, 0.045, 0.045, 0.045, 0.025, 0.02])
 REFERENCE = np.array([1.96, 2.12, 0.75, 2.14, 1.76, 1.44, 1.61])
@@ -44,9 +45,10 @@ def test_constant_is_constant() -> None:
     assert isinstance(policy, ConstantPolicy)
 
 
-def test_sheared_formula_by_hand() -> None:
+def test_sheared_clipped_formula_by_hand() -> None:
+    """Sheared-LLaMA's paper (Algorithm 1): Δ = max(ℓ − ℓ_ref, 0)."""
     p0 = np.array([0.5, 0.3, 0.2])
-    policy = make_policy("sheared", p0, [2.0, 2.0, 2.0], eta=1.0, smoothing=0.01)
+    policy = make_policy("sheared", p0, [2.0, 2.0, 2.0], eta=1.0, smoothing=0.01, clip_excess=True)
     assert isinstance(policy, ShearedPolicy)
     first_losses = np.array([2.5, 1.5, 2.2])  # Δ = [0.5, 0 (clipped from −0.5), 0.2]
     expected = p0 * np.exp([0.5, 0.0, 0.2])
@@ -57,6 +59,20 @@ def test_sheared_formula_by_hand() -> None:
     second_expected = 0.99 * second_expected / second_expected.sum() + 0.01 / 3
     second = policy.update(Observation(np.array([1.0, 3.0, 1.0]), np.ones(3), 0.2)).proportions
     np.testing.assert_allclose(second, second_expected, rtol=1e-12)
+
+
+def test_sheared_default_is_the_unclipped_code_that_ran_the_papers_baseline() -> None:
+    """Sheared-LLaMA's code (η = 1, c = 1e-4): a domain below its reference is pushed down."""
+    p0 = np.array([0.5, 0.3, 0.2])
+    policy = make_policy("sheared", p0, [2.0, 2.0, 2.0])
+    losses = np.array([2.5, 1.5, 2.2])  # Δ = [0.5, −0.5, 0.2], not clipped
+    expected = p0 * np.exp([0.5, -0.5, 0.2])
+    expected = (1 - 1e-4) * expected / expected.sum() + 1e-4 / 3
+    actual = policy.update(Observation(losses, np.ones(3), 0.1)).proportions
+    np.testing.assert_allclose(actual, expected, rtol=1e-12)
+    clipped = make_policy("sheared", p0, [2.0, 2.0, 2.0], clip_excess=True).update(
+        Observation(losses, np.ones(3), 0.1)).proportions
+    assert actual[1] < clipped[1]  # the clipped form only freezes the domain below its reference
 
 
 def test_dro_keeps_reference_fixed() -> None:
@@ -70,26 +86,65 @@ def test_dro_keeps_reference_fixed() -> None:
     assert decision.proportions[2] > P0[2]  # the lagging domain is up-weighted
 
 
-@pytest.mark.parametrize("params", [None, "shrinking"])
-def test_reference_losses_never_rise_and_start_at_their_fraction(params: str | None) -> None:
-    p0, start = _fit_p0(), REFERENCE[:FIT_DOMAINS] + 1.0  # a deliberately loose initial reference
-    policy = make_policy("drpruning", p0, start, min_points=5, reference_loss_start=0.4)
-    previous, lowered_at, observed = start, None, []
+def _fit_run(start: np.ndarray, params: str | None, reference_loss_start: float = 0.4):
+    """Run `drpruning` on noisy power-law losses; yields (step, decision, losses observed so far)."""
+    p0 = _fit_p0()
+    policy = make_policy("drpruning", p0, start, min_points=5, reference_loss_start=reference_loss_start)
     rng = np.random.default_rng(1)
+    observed = []
     for step in range(1, FIT_UPDATES + 1):
         losses = _loss_curve(step, FIT_UPDATES, FIT_DOMAINS) + rng.normal(0, 0.005, FIT_DOMAINS)
         observed.append(losses)
         size = None if params is None else 6.7e9 - 5.0e9 * min(step / (0.2 * FIT_UPDATES), 1.0)
-        decision = policy.update(_observation(step, losses, size, FIT_UPDATES, p0))
+        yield step, policy.update(_observation(step, losses, size, FIT_UPDATES, p0)), np.array(observed)
+
+
+@pytest.mark.parametrize("params", [None, "shrinking"])
+def test_reference_below_the_true_end_loss_rises_at_the_first_fit_then_never_again(params: str | None) -> None:
+    """SPEC §3 (reference code): the first fit replaces ℓ_R, later fits can only lower it."""
+    end_loss = _loss_curve(FIT_UPDATES, FIT_UPDATES, FIT_DOMAINS)
+    start = end_loss - 0.5  # e.g. `reference_losses: source`: far below anything the pruned model reaches
+    first_fit = int(np.ceil(0.4 * FIT_UPDATES))
+    previous = start
+    for step, decision, observed in _fit_run(start, params):
         assert decision.reference_losses is not None
-        assert np.all(decision.reference_losses <= previous)
-        if step / FIT_UPDATES < 0.4:
+        if step < first_fit:
             np.testing.assert_array_equal(decision.reference_losses, start)
-        elif lowered_at is None and np.any(decision.reference_losses < previous):
-            lowered_at = step
+        elif step == first_fit:
+            assert np.all(decision.reference_losses > start + 0.3)  # rose toward the predicted end loss
+        else:
+            assert np.all(decision.reference_losses <= previous)  # never rises after the first fit
+        assert np.all(decision.reference_losses <= observed.min(axis=0) + 1e-12) or step < first_fit
         previous = decision.reference_losses
-    assert lowered_at == int(np.ceil(0.4 * FIT_UPDATES))  # after min_points (5) updates already
-    assert np.all(previous <= np.min(observed, axis=0))
+    assert np.all(np.abs(previous - end_loss) < 0.1)  # ends near the true end-of-training loss
+
+
+def test_loose_reference_falls_at_the_first_fit_and_never_rises() -> None:
+    start = REFERENCE[:FIT_DOMAINS] + 1.0  # above every observed loss
+    previous, first_fit = start, int(np.ceil(0.4 * FIT_UPDATES))
+    for step, decision, observed in _fit_run(start, None):
+        assert np.all(decision.reference_losses <= previous)
+        if step < first_fit:
+            np.testing.assert_array_equal(decision.reference_losses, start)
+        else:
+            assert np.all(decision.reference_losses <= observed.min(axis=0))
+        previous = decision.reference_losses
+
+
+def test_first_fit_is_per_domain() -> None:
+    """A domain whose fit is not possible yet keeps its configured value; its first fit still replaces it."""
+    p0 = _fit_p0()
+    policy = make_policy("drpruning", p0, [0.1, 0.1, 0.1], min_points=5, reference_loss_start=0.0)
+    for step in range(1, 8):
+        tokens = p0 * TOKENS_PER_UPDATE * step
+        if step < 3:
+            tokens[2] = 0.0  # domain 2 not sampled yet: its first points are unusable, so it fits two updates later
+        losses = _loss_curve(step, FIT_UPDATES, FIT_DOMAINS)
+        policy.update(Observation(losses, tokens, step / FIT_UPDATES))
+        if step == 5:
+            assert policy.fitted.tolist() == [True, True, False]
+            assert policy.reference_losses[2] == 0.1
+    assert policy.fitted.all() and policy.reference_losses[2] > 0.1  # rose from 0.1 at its own first fit
 
 
 def test_reference_ratio_drifts_within_bounds_after_its_start() -> None:
@@ -111,9 +166,47 @@ def test_reference_ratio_drifts_within_bounds_after_its_start() -> None:
 def test_drift_is_the_paper_update_when_bounds_are_slack() -> None:
     p0 = np.array([0.4, 0.35, 0.25])
     policy = make_policy("dro", p0, [1.0, 1.0, 1.0], dynamic_reference_ratio=True, reference_ratio_start=0.0,
-                         delta=0.1, ratio_bound=10.0)
+                         delta=0.1, ratio_bound=10.0, clamp_ratio_to_initial_range=False)
     decision = policy.update(Observation(np.array([1.2, 1.1, 1.0]), np.ones(3), 0.5))
     np.testing.assert_allclose(policy.reference_ratio, 0.1 * decision.proportions + 0.9 * p0, rtol=1e-12)
+
+
+MULTILINGUAL_P0 = np.array([0.27704, 0.18472, 0.12974, 0.10378, 0.09090, 0.08885, 0.06674, 0.05823])  # en..th
+
+
+def test_second_clamp_keeps_every_domain_within_the_initial_range() -> None:
+    """Reference code: after [p0/n, n·p0], each domain is also kept in [min p0, max p0] (paper Table 7)."""
+    p0 = MULTILINGUAL_P0 / MULTILINGUAL_P0.sum()
+    rng = np.random.default_rng(3)
+    ratio = p0.copy()
+    for _ in range(200):  # any drift: adversarial q's, all mass on one or two domains
+        q = rng.dirichlet(np.full(8, 0.05))
+        ratio = drift_reference_ratio(ratio, q, p0, delta=0.5, ratio_bound=2.0)
+        assert np.all(ratio >= p0.min() * (1 - 1e-12)) and np.all(ratio <= p0.max() * (1 + 1e-12))
+        assert ratio.sum() == pytest.approx(1.0, abs=1e-12)
+    assert ratio[-1] >= 0.0582  # th never falls below its initial 5.82 %
+    assert np.all(drift_reference_ratio(p0, np.eye(8)[0], p0, 0.9, 2.0) <= p0.max() * (1 + 1e-12))
+
+
+def test_second_clamp_by_hand() -> None:
+    p0 = np.array([0.5, 0.3, 0.2])
+    q = np.array([0.0, 0.0, 1.0])  # all weight to the smallest domain
+    # 0.5·q + 0.5·p0 = [0.25, 0.15, 0.6]; domain 2 is capped at 2·p0 = 0.4, the others share 0.6 pro rata.
+    np.testing.assert_allclose(drift_reference_ratio(p0, q, p0, 0.5, 2.0, clamp_to_initial_range=False),
+                               [0.375, 0.225, 0.4], rtol=1e-12)
+    # The second clamp to [min p0, max p0] = [0.2, 0.5] changes nothing: every entry is already inside.
+    np.testing.assert_allclose(drift_reference_ratio(p0, q, p0, 0.5, 2.0), [0.375, 0.225, 0.4], rtol=1e-12)
+    # A drift that pushes the largest domain past max p0 = 0.5 is capped there (and 0.1 raised to 0.2).
+    q = np.array([1.0, 0.0, 0.0])
+    unclamped = drift_reference_ratio(p0, q, p0, 0.5, 2.0, clamp_to_initial_range=False)
+    np.testing.assert_allclose(unclamped, [0.75, 0.15, 0.1], rtol=1e-12)
+    np.testing.assert_allclose(drift_reference_ratio(p0, q, p0, 0.5, 2.0), [0.5, 0.3, 0.2], rtol=1e-12)
+
+
+def test_uniform_p0_with_the_second_clamp_freezes_the_ratio() -> None:
+    p0 = np.full(5, 0.2)
+    np.testing.assert_allclose(drift_reference_ratio(p0, np.eye(5)[0], p0, 0.5, 2.0), p0, rtol=1e-12)
+    assert drift_reference_ratio(p0, np.eye(5)[0], p0, 0.5, 2.0, clamp_to_initial_range=False)[0] > 0.2
 
 
 def test_ablation_switches() -> None:
