@@ -2,7 +2,8 @@
 
 For each policy (constant, sheared, dro, drpruning) and seed: prune SmolLM2-135M to the demo target on the
 demo corpus (`yamls/demo/prune_smollm2.yaml`), export the target-shaped model, evaluate it per domain,
-continue pretraining it (`yamls/demo/cpt_smollm2.yaml`, same policy) and evaluate again. The from-scratch
+and (for `--cpt-policies`, default all) continue pretraining it (`yamls/demo/cpt_smollm2.yaml`, same policy)
+and evaluate again. The from-scratch
 row (Sheared-LLaMA's baseline) trains a randomly initialised model of the target shape on the same number
 of tokens as prune + continued pretraining (constant mixture, the continued-pretraining recipe) and is
 evaluated the same way. Every evaluation is `drpruning.evaluation.evaluate_domains` on the held-out split.
@@ -115,6 +116,8 @@ def run_policy(policy: str, seed: int, args: argparse.Namespace, source: Path, d
         base / "logs" / "export.log"))
     stage(done / "eval_pruned", f"{policy} seed {seed} eval pruned", lambda: evaluate(
         pruned, data, base / "eval_pruned.json"))
+    if policy not in args.cpt_policies:
+        return
     stage(done / "cpt", f"{policy} seed {seed} continued pretraining", lambda: composer_train(
         CPT_YAML, pruned, cpt, args.cpt_steps, policy, seed, args, data, [], base / "logs" / "cpt.log"))
     stage(done / "eval_cpt", f"{policy} seed {seed} eval continued", lambda: evaluate(
@@ -170,10 +173,10 @@ def first_evals(run: Path) -> dict[str, float]:
 
 def collect(policy: str, seed: int, args: argparse.Namespace) -> dict | None:
     base = args.out / f"{policy}-seed{seed}"
-    final = eval_losses(base / "eval_cpt.json")
-    if final is None:
+    final, pruned = eval_losses(base / "eval_cpt.json"), eval_losses(base / "eval_pruned.json")
+    if final is None and pruned is None:
         return None
-    row: dict = {"policy": policy, "seed": seed, "cpt": final, "pruned": eval_losses(base / "eval_pruned.json")}
+    row: dict = {"policy": policy, "seed": seed, "cpt": final, "pruned": pruned}
     times = {p.name: float(p.read_text()) for p in (base / "stages").glob("*")}
     row["runtime_s"] = sum(times.values())
     run = base / ("train" if policy == SCRATCH else "prune")
@@ -206,7 +209,7 @@ def _row_cells(rows: list[dict], key: str, domains: list[str]) -> tuple[list[str
 
 
 def write_markdown(results: list[dict], args: argparse.Namespace, path: Path, revision: str) -> None:
-    domains = list(results[0]["cpt"])
+    domains = list(results[0]["cpt"] or results[0]["pruned"])
     names = [p for p in (*POLICIES, SCRATCH) if any(r["policy"] == p for r in results)]
     lines = [
         f"SmolLM2-135M → 20 layers, d 384, 6/2 heads, FFN 1024 (50.3M). Pruning {args.steps} steps, then "
@@ -272,6 +275,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100, help="pruning steps")
     parser.add_argument("--cpt-steps", type=int, default=40, help="continued-pretraining steps")
     parser.add_argument("--update-interval", type=int, default=10)
+    parser.add_argument("--cpt-policies", nargs="*", default=list(POLICIES), choices=POLICIES,
+                        help="the policies whose pruned models also get continued pretraining (default all)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[17, 18])
     parser.add_argument("--policies", nargs="+", default=[*POLICIES, SCRATCH], choices=[*POLICIES, SCRATCH])
     parser.add_argument("--ranks", type=int, default=2)
