@@ -41,22 +41,26 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
 
 def check_tokenizer(manifest: Mapping[str, Any], data_dir: str | Path, tokenizer: PreTrainedTokenizerBase,
                     where: str) -> None:  # fmt: skip
-    """Refuse data tokenized with another tokenizer than `tokenizer`; warn when the manifest cannot tell."""
+    """Refuse data tokenized with another tokenizer than `tokenizer`; warn when the manifest cannot tell.
+
+    `where` names the component that checks (a message prefix), or is empty.
+    """
     name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+    where = f"{where}: " if where else ""
     vocab_size = int(manifest["vocab_size"])
     if vocab_size > len(tokenizer):
-        raise ConfigError(f"{where}: {data_dir} was tokenized with a vocabulary of {vocab_size} tokens but the "
+        raise ConfigError(f"{where}{data_dir} was tokenized with a vocabulary of {vocab_size} tokens but the "
                           f"tokenizer {name} has {len(tokenizer)}")  # fmt: skip
     expected = manifest.get(FINGERPRINT_KEY)
     if expected is None:
-        warnings.warn(f"{where}: {data_dir}/manifest.json predates tokenizer fingerprints, so nothing checks "
+        warnings.warn(f"{where}{data_dir}/manifest.json predates tokenizer fingerprints, so nothing checks "
                       f"that it was tokenized with {name}; run scripts/prepare_data.py again to record one",
                       stacklevel=2)  # fmt: skip
         return
     actual = tokenizer_fingerprint(tokenizer)
     if actual != expected:
         raise ConfigError(
-            f"{where}: {data_dir} was tokenized with another tokenizer ({manifest.get('tokenizer')}, "
+            f"{where}{data_dir} was tokenized with another tokenizer ({manifest.get('tokenizer')}, "
             f"{vocab_size} tokens, {expected[:19]}…) than {name} ({len(tokenizer)} tokens, {actual[:19]}…): "
             f"its token ids would be read as different text. Prepare the data with --tokenizer {name}"
         )
