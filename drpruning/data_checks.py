@@ -47,7 +47,7 @@ def check_tokenizer(manifest: Mapping[str, Any], data_dir: str | Path, tokenizer
     """
     name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
     where = f"{where}: " if where else ""
-    vocab_size = int(manifest["vocab_size"])
+    vocab_size = int(manifest.get("vocab_size", 0))
     if vocab_size > len(tokenizer):
         raise ConfigError(f"{where}{data_dir} was tokenized with a vocabulary of {vocab_size} tokens but the "
                           f"tokenizer {name} has {len(tokenizer)}")  # fmt: skip

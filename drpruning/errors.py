@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Callable
 
 CONFIG_ERROR_EXIT_CODE = 2
 # How long a non-zero rank waits before exiting on a config error: every rank hits the same error, and the
@@ -33,23 +32,14 @@ def _global_rank() -> int:
 
 
 def report_config_error(error: ConfigError, prog: str | None = None) -> int:
-    """Print `error: <message>` on global rank 0 and return the exit code for config errors.
+    """Print `[prog: ]error: <message>` once and return the exit code for config errors (2).
 
-    On the other ranks nothing is printed, and the process waits a little so that the launcher, which
-    stops the remaining ranks once rank 0 has exited, ends it quietly instead of echoing its whole log.
+    Every rank of a distributed run meets the same error. Rank 0 prints it; the others first wait, so
+    that the launcher, which stops the remaining ranks once rank 0 has exited, ends them quietly instead
+    of echoing their whole log. A rank that outlives the wait (rank 0 did not fail) prints it too.
     """
-    if _global_rank() == 0:
-        prefix = f"{prog}: " if prog else ""
-        print(f"{prefix}error: {error}", file=sys.stderr, flush=True)
-    elif "LOCAL_WORLD_SIZE" in os.environ:
+    if _global_rank() != 0 and "LOCAL_WORLD_SIZE" in os.environ:
         time.sleep(_OTHER_RANKS_GRACE_S)
+    prefix = f"{prog}: " if prog else ""
+    print(f"{prefix}error: {error}", file=sys.stderr, flush=True)
     return CONFIG_ERROR_EXIT_CODE
-
-
-def run_reporting_config_errors(main: Callable[[], object], prog: str | None = None) -> int:
-    """Run `main`; a `ConfigError` becomes one `error:` line and exit code 2, other exceptions propagate."""
-    try:
-        main()
-    except ConfigError as error:
-        return report_config_error(error, prog)
-    return 0

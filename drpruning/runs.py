@@ -98,8 +98,9 @@ def _save_overwrite(state: State) -> bool:
     return any(callback.overwrite for callback in state.callbacks if isinstance(callback, CheckpointSaver))
 
 
-def _move_aside(folder: Path, entries: list[Path]) -> Path:
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+def move_aside(folder: Path, entries: list[Path]) -> Path:
+    """Move `entries` (inside `folder`) into a new hidden `folder/.replaced-<UTC time>/`; returns it."""
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
     target = folder / f"{REPLACED_PREFIX}{stamp}"
     suffix = 1
     while target.exists():
@@ -138,7 +139,7 @@ def prepare_fresh_run_folder(folder: Path, overwrite: bool) -> str | None:
             "save_overwrite=true moves an earlier run aside only from a folder that holds nothing else: choose a "
             "new save_folder"
         )
-    target = _move_aside(folder, artefacts)
+    target = move_aside(folder, artefacts)
     return (f"save_folder {folder} held an earlier run's files ({names}); this run starts from batch 0, so they "
             f"were moved to {target} (delete it when no longer needed)")  # fmt: skip
 
