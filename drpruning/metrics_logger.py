@@ -22,7 +22,7 @@ from composer.loggers import Logger, LoggerDestination
 from composer.utils import dist
 from composer.utils.file_helpers import format_name_with_dist
 
-from drpruning.runs import keep_jsonl_lines, move_aside, run_folder, start_run_in_folder
+from drpruning.runs import check_run_folder, keep_jsonl_lines, move_aside, run_folder, start_run_in_folder
 
 METRICS_FILE = "metrics.jsonl"
 log = logging.getLogger(__name__)
@@ -71,6 +71,9 @@ class JSONLMetricsLogger(LoggerDestination):
         self._is_writer = dist.get_global_rank() == 0
         folder = Path(format_name_with_dist(self.folder, state.run_name)) if self.folder else run_folder(state)
         self.path = folder / self.filename
+
+    def after_load(self, state: State, logger: Logger) -> None:
+        check_run_folder(state)
 
     def eval_standalone_start(self, state: State, logger: Logger) -> None:
         """`eval_first` evaluates before `fit()` starts, and its metrics belong to the run."""

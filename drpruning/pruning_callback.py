@@ -17,7 +17,7 @@ from composer.utils import dist
 
 from drpruning.errors import ConfigError
 from drpruning.masks import L0Module
-from drpruning.runs import run_folder, start_run_in_folder, unwrap_model, write_json
+from drpruning.runs import check_run_folder, run_folder, start_run_in_folder, unwrap_model, write_json
 from drpruning.shapes import module_sizes
 
 # Logged at every eval: mean kept units per row of each mask, and the parameter count of the scored model.
@@ -67,6 +67,9 @@ class PruningCallback(Callback):
         # Checked before DDP/FSDP wrapping, while optimizer params are still the model's own objects.
         if state.optimizers:
             check_optimizer_groups(model, state.optimizers[0])
+
+    def after_load(self, state: State, logger: Logger) -> None:
+        check_run_folder(state)
 
     def eval_standalone_start(self, state: State, logger: Logger) -> None:
         start_run_in_folder(state)

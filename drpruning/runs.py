@@ -10,9 +10,10 @@ A run folder holds one run. When a run starts from batch 0 in a folder that alre
   same command that died before its first checkpoint (autoresume has nothing to load); moving it aside
   keeps restarts of preempted jobs working. With `save_overwrite: true` a folder that also holds files no
   run writes is refused rather than sorted.
-Nothing is written or truncated before that check, which the writers run when the run really starts
-(the standalone eval of `eval_first`, or FIT_START), after every component has validated its config; a
-refused start changes nothing. A resumed run (batch > 0 after loading) cuts its own files back to the
+The writers check the folder at AFTER_LOAD (`check_run_folder`, which only reads it, so a refusal changes
+nothing and comes before Composer's own checkpoint-name check) and write, truncate or move nothing before
+the run really starts (`start_run_in_folder`: the standalone eval of `eval_first`, or FIT_START), after
+every component has validated its config. A resumed run (batch > 0 after loading) cuts its own files back to the
 checkpoint and appends.
 """
 
@@ -41,6 +42,7 @@ REPLACED_PREFIX = ".replaced-"
 _CHECKPOINT = re.compile(r"^(ep\d+-ba\d+(-rank\d+)?|latest-rank\d+)(\.pt)?(\.tar)?(\.symlink)?$")
 _RUN_FILES = {"metrics.jsonl", "schedule.jsonl", "data_usage.json", "masks", "plots", "huggingface", "runtime_s.txt"}
 """What drpruning's callbacks, `hf_checkpointer`, `scripts/plot_run.py` and `scripts/ablation.py` write."""
+_CHECKED_ATTR = "_drpruning_run_folder_checked"
 _STARTED_ATTR = "_drpruning_run_folder_started"
 
 
@@ -112,11 +114,11 @@ def move_aside(folder: Path, entries: list[Path]) -> Path:
     return target
 
 
-def prepare_fresh_run_folder(folder: Path, overwrite: bool) -> str | None:
+def prepare_fresh_run_folder(folder: Path, overwrite: bool, dry_run: bool = False) -> str | None:
     """Make `folder` hold no earlier run's artefacts for a run that starts at batch 0 (see the module doc).
 
     Returns a note on what was moved (None: nothing); raises `ConfigError`, having changed nothing, when the
-    folder holds an earlier run that must not be replaced.
+    folder holds an earlier run that must not be replaced. `dry_run` only checks.
     """
     if not folder.is_dir():
         return None
@@ -139,24 +141,21 @@ def prepare_fresh_run_folder(folder: Path, overwrite: bool) -> str | None:
             "save_overwrite=true moves an earlier run aside only from a folder that holds nothing else: choose a "
             "new save_folder"
         )
+    if dry_run:
+        return None
     target = move_aside(folder, artefacts)
     return (f"save_folder {folder} held an earlier run's files ({names}); this run starts from batch 0, so they "
             f"were moved to {target} (delete it when no longer needed)")  # fmt: skip
 
 
-def start_run_in_folder(state: State) -> None:
-    """Call on every rank before a run's first write into its folder; only the first call does anything.
-
-    Global rank 0 checks (and, for a fresh start, clears) the run folder and every rank receives its verdict,
-    so a refusal raises the same `ConfigError` everywhere instead of leaving ranks waiting.
-    """
-    if getattr(state, _STARTED_ATTR, False):
-        return
-    setattr(state, _STARTED_ATTR, True)
+def _run_folder_verdict(state: State, dry_run: bool) -> None:
+    """Global rank 0 checks (and unless `dry_run`, clears) the folder of a run starting at batch 0; every rank
+    receives the verdict, so a refusal raises the same `ConfigError` everywhere instead of leaving ranks
+    waiting in a collective."""
     verdict: list[Any] = [None]
     if dist.get_global_rank() == 0 and int(state.timestamp.batch) == 0:
         try:
-            verdict[0] = ("note", prepare_fresh_run_folder(run_folder(state), _save_overwrite(state)))
+            verdict[0] = ("note", prepare_fresh_run_folder(run_folder(state), _save_overwrite(state), dry_run))
         except ConfigError as error:
             verdict[0] = ("error", str(error))
     dist.broadcast_object_list(verdict)
@@ -167,3 +166,26 @@ def start_run_in_folder(state: State) -> None:
         raise ConfigError(message)
     if message and dist.get_global_rank() == 0:
         log.warning(message)
+
+
+def check_run_folder(state: State) -> None:
+    """At AFTER_LOAD, on every rank: refuse a run folder that holds an earlier run this run may not replace.
+
+    Only checks, so a refusal changes nothing; it comes before Composer's own FIT_START check of the
+    checkpoint names (a traceback) and before anything is written. Only the first call does anything.
+    """
+    if getattr(state, _CHECKED_ATTR, False):
+        return
+    setattr(state, _CHECKED_ATTR, True)
+    _run_folder_verdict(state, dry_run=True)
+
+
+def start_run_in_folder(state: State) -> None:
+    """Call on every rank before a run's first write into its folder; only the first call does anything.
+
+    For a run starting at batch 0, moves an earlier run's files aside (or refuses, see the module doc).
+    """
+    if getattr(state, _STARTED_ATTR, False):
+        return
+    setattr(state, _STARTED_ATTR, True)
+    _run_folder_verdict(state, dry_run=False)

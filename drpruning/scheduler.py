@@ -26,6 +26,7 @@ from drpruning.errors import ConfigError
 from drpruning.policies import Observation, Policy, make_policy
 from drpruning.runs import (
     append_jsonl,
+    check_run_folder,
     keep_jsonl_lines,
     run_folder,
     start_run_in_folder,
@@ -178,6 +179,7 @@ class DataScheduler(Callback):
     def after_load(self, state: State, logger: Logger) -> None:
         """Validate against the mixer and the model as soon as they exist, before anything is written."""
         self._setup(state)
+        check_run_folder(state)
 
     def eval_standalone_start(self, state: State, logger: Logger) -> None:
         self._start(state)
