@@ -36,6 +36,7 @@ from accelerate import init_empty_weights
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from drpruning.errors import ConfigError
 from drpruning.masks import L0Module
 from drpruning.prunable import make_prunable
 from drpruning.shapes import PRUNING_MODULES, TARGET_KEYS, ModelShape, ShapeError
@@ -555,7 +556,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         out = export_run(args.checkpoint, args.out_dir, overwrite=args.overwrite, verify=not args.no_verify,
                          tokenizer=args.tokenizer)  # fmt: skip
-    except ExportError as error:
+    except (ExportError, ConfigError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     summary = json.loads((out / "pruning.json").read_text(encoding="utf-8"))

@@ -2,7 +2,7 @@
 check that a run starting from scratch does not write into (or truncate) the files of an earlier run.
 
 A run folder holds one run. When a run starts from batch 0 in a folder that already holds run artefacts
-(checkpoints, `metrics.jsonl`, `schedule.jsonl`, `masks/`, ...), `start_run_in_folder`
+(checkpoints, `metrics.jsonl`, `schedule.jsonl`, `masks/`, ...), the writers
 - refuses, if the folder holds a checkpoint and `save_overwrite` is off: resume it with `autoresume: true`,
   pick a new `save_folder`, or set `save_overwrite: true`;
 - otherwise moves the earlier artefacts, as a whole, into `<folder>/.replaced-<UTC time>/` (hidden, so
@@ -13,8 +13,8 @@ A run folder holds one run. When a run starts from batch 0 in a folder that alre
 The writers check the folder at AFTER_LOAD (`check_run_folder`, which only reads it, so a refusal changes
 nothing and comes before Composer's own checkpoint-name check) and write, truncate or move nothing before
 the run really starts (`start_run_in_folder`: the standalone eval of `eval_first`, or FIT_START), after
-every component has validated its config. A resumed run (batch > 0 after loading) cuts its own files back to the
-checkpoint and appends.
+every component has validated its config. A resumed run (batch > 0 after loading) cuts its own files back
+to the checkpoint and appends.
 """
 
 from __future__ import annotations
