@@ -2,14 +2,21 @@
 
 Layout written under OUT_DIR (see `prepare_data`):
 
-    OUT_DIR/manifest.json          domains in order, counts per split, seq_len, tokenizer, token dtype
+    OUT_DIR/manifest.json          domains in order, counts per split, seq_len, tokenizer (path and
+                                   fingerprint), token dtype
     OUT_DIR/<domain>/train/        MDS, column `tokens` (ndarray:uint16 or ndarray:uint32), seq_len each
     OUT_DIR/<domain>/eval/         same format, exactly `eval_sequences` sequences
 
+Input files are read by format: `.jsonl` / `.json` / `.ndjson` (optionally `.gz`) hold JSON lines with a
+`text` field; any other file is one plain-text document, unless its first line is a JSON object with a
+`text` field (then it is read as JSON lines too). Binary or compressed files of another kind are refused.
+Lone UTF-16 surrogates in JSON strings (common in web scrapes) become U+FFFD and are counted.
+
 Documents are tokenized without special tokens and each is followed by EOS; the token stream of a domain
-is cut into fixed-length sequences (the tail that does not fill one is dropped). The eval split is the
-first `eval_sequences` sequences of the domain (files in sorted order); the rest of the document that
-completes the eval split is dropped, so no document is shared between eval and train.
+(files in sorted order) is cut into fixed-length sequences. The eval split is the first `eval_sequences`
+sequences of that stream and the train split the rest, so only the final partial sequence of each domain
+is dropped; the one document that straddles the boundary starts in eval and continues in train (no token
+is in both splits).
 """
 
 from __future__ import annotations
@@ -19,8 +26,10 @@ import glob
 import gzip
 import json
 import os
+import re
 import shutil
 import sys
+import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,18 +40,32 @@ from streaming import MDSWriter
 from tqdm import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from drpruning.data_checks import FINGERPRINT_KEY, tokenizer_fingerprint
+from drpruning.errors import ConfigError, DataDirError
+
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT_VERSION = 1
-TEXT_SUFFIXES = (".txt", ".jsonl", ".jsonl.gz")
+FOLDER_SUFFIXES = (".txt", ".jsonl", ".jsonl.gz")
+"""What a folder given as a domain's input contributes (recursively); globs and file paths take any file."""
+JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
+ACCEPTED_FORMATS = ("plain text (one document per file, e.g. .txt, .md, .py), "
+                    "JSON lines with a 'text' field (.jsonl, .json, .ndjson, each optionally .gz)")
+_BINARY_SIGNATURES = {
+    b"\x1f\x8b": "gzip", b"\x28\xb5\x2f\xfd": "zstd", b"PK\x03\x04": "zip", b"BZh": "bzip2",
+    b"\xfd7zXZ\x00": "xz", b"PAR1": "parquet", b"ARROW1": "arrow", b"%PDF": "pdf",
+}
+_SNIFF_BYTES = 1 << 13
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+SPLITS = ("train", "eval")
 
 
-class DataPrepError(ValueError):
+class DataPrepError(ConfigError):
     """Bad input to data preparation; the message names the offending file, domain or option."""
 
 
 @dataclass
 class SplitStats:
-    """Counts of one split of one domain, as written to the manifest."""
+    """Counts of one split of one domain, as written to the manifest (`documents`: those starting in it)."""
 
     documents: int = 0
     sequences: int = 0
@@ -54,7 +77,9 @@ class _DomainResult:
     files: list[Path]
     train: SplitStats = field(default_factory=SplitStats)
     eval: SplitStats = field(default_factory=SplitStats)
+    documents: int = 0
     dropped_tokens: int = 0
+    replaced_surrogates: int = 0
 
 
 def token_dtype_for_vocab(vocab_size: int) -> np.dtype:
@@ -66,7 +91,7 @@ def load_manifest(data_dir: str | Path) -> dict[str, Any]:
     """Read `data_dir/manifest.json`, failing with a message that says how such a folder is made."""
     path = Path(data_dir) / MANIFEST_NAME
     if not path.is_file():
-        raise FileNotFoundError(
+        raise DataDirError(
             f"no {MANIFEST_NAME} in {data_dir}: expected a folder written by scripts/prepare_data.py"
         )
     with open(path, encoding="utf-8") as f:
@@ -79,9 +104,9 @@ def select_domains(manifest: dict[str, Any], domains: Sequence[str] | None, data
     selected = list(known if domains is None else domains)
     unknown = [d for d in selected if d not in known]
     if unknown:
-        raise ValueError(f"unknown domain(s) {unknown} in {data_dir}; known domains: {known}")
+        raise ConfigError(f"unknown domain(s) {unknown} in {data_dir}; known domains: {known}")
     if not selected or len(set(selected)) != len(selected):
-        raise ValueError(f"domains must be a non-empty list without repeats, got {selected}")
+        raise ConfigError(f"domains must be a non-empty list without repeats, got {selected}")
     return selected
 
 
@@ -106,7 +131,13 @@ def resolve_domain_files(name: str, patterns: Sequence[str]) -> list[Path]:
     for pattern in patterns:
         path = Path(pattern)
         if path.is_dir():
-            matched = [p for p in path.rglob("*") if p.is_file() and p.name.endswith(TEXT_SUFFIXES)]
+            found = [p for p in path.rglob("*") if p.is_file()]
+            matched = [p for p in found if p.name.endswith(FOLDER_SUFFIXES)]
+            if found and not matched:
+                raise DataPrepError(
+                    f"domain {name!r}: folder {pattern!r} holds no {'/'.join(FOLDER_SUFFIXES)} files ({len(found)} "
+                    f"other file(s), e.g. {found[0].name}); name other files with a glob, e.g. '{path}/**/*.json'"
+                )
         elif path.is_file():
             matched = [path]
         else:
@@ -124,7 +155,40 @@ def _decode_utf8(data: bytes, where: str) -> str:
         raise DataPrepError(f"{where}: not valid UTF-8 (byte {e.start}: {data[e.start:e.start + 4]!r})") from e
 
 
-def _iter_jsonl_texts(stream: BinaryIO, path: Path) -> Iterator[str]:
+def _first_line_is_json_lines(head: bytes) -> bool:
+    """True when the first non-blank line of `head` is a whole JSON object with a `text` field."""
+    for line in head.splitlines():
+        if line.strip():
+            try:
+                record = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                return False
+            return isinstance(record, dict) and "text" in record
+    return False
+
+
+def file_format(path: Path) -> str:
+    """`jsonl`, `jsonl.gz` or `text`, from the name and, for other names, the first bytes of the file.
+
+    Refuses binary and compressed files that are not JSON lines, naming the accepted formats, instead of
+    reading their bytes (or their markup) as text.
+    """
+    name = path.name.lower()
+    if name.endswith(tuple(suffix + ".gz" for suffix in JSONL_SUFFIXES)):
+        return "jsonl.gz"
+    if name.endswith(JSONL_SUFFIXES):
+        return "jsonl"
+    with open(path, "rb") as f:
+        head = f.read(_SNIFF_BYTES)
+    kind = next((kind for signature, kind in _BINARY_SIGNATURES.items() if head.startswith(signature)), None)
+    if kind is None and b"\x00" in head:
+        kind = "binary"
+    if kind is not None:
+        raise DataPrepError(f"{path}: a {kind} file, which prepare_data cannot read; accepted: {ACCEPTED_FORMATS}")
+    return "jsonl" if _first_line_is_json_lines(head) else "text"
+
+
+def _iter_jsonl_texts(stream: BinaryIO, path: Path, counts: dict[str, int]) -> Iterator[str]:
     for line_number, raw_line in enumerate(stream, start=1):
         where = f"{path}:{line_number}"
         line = _decode_utf8(raw_line, where).strip()
@@ -133,27 +197,39 @@ def _iter_jsonl_texts(stream: BinaryIO, path: Path) -> Iterator[str]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
-            raise DataPrepError(f"{where}: invalid JSON ({e.msg})") from e
+            hint = (" (a .json input must hold JSON lines: one {\"text\": ...} object per line)"
+                    if path.name.lower().removesuffix(".gz").endswith(".json") else "")  # fmt: skip
+            raise DataPrepError(f"{where}: invalid JSON ({e.msg}){hint}") from e
         if not isinstance(record, dict) or "text" not in record:
             raise DataPrepError(f"{where}: line has no 'text' field")
-        if not isinstance(record["text"], str):
-            raise DataPrepError(f"{where}: 'text' is {type(record['text']).__name__}, expected a string")
-        yield record["text"]
+        text = record["text"]
+        if not isinstance(text, str):
+            raise DataPrepError(f"{where}: 'text' is {type(text).__name__}, expected a string")
+        if _LONE_SURROGATE.search(text):
+            # A lone surrogate (an unpaired \\ud800 escape) is not a character: no tokenizer can encode it.
+            text, replaced = _LONE_SURROGATE.subn("\ufffd", text)
+            counts["surrogates"] = counts.get("surrogates", 0) + replaced
+        yield text
 
 
-def iter_file_documents(path: Path) -> Iterator[tuple[str, int]]:
-    """Yield (document text, bytes of the file read so far); empty documents are skipped."""
+def iter_file_documents(path: Path, counts: dict[str, int] | None = None) -> Iterator[tuple[str, int]]:
+    """Yield (document text, bytes of the file read so far); empty documents are skipped.
+
+    `counts["surrogates"]` accumulates the lone surrogates replaced by U+FFFD.
+    """
+    counts = {} if counts is None else counts
+    kind = file_format(path)
     with open(path, "rb") as raw:
-        if path.name.endswith(".jsonl.gz"):
+        if kind == "jsonl.gz":
             try:
                 with gzip.GzipFile(fileobj=raw, mode="rb") as gz:
-                    for text in _iter_jsonl_texts(gz, path):
+                    for text in _iter_jsonl_texts(gz, path, counts):
                         if text.strip():
                             yield text, raw.tell()
             except (OSError, EOFError) as e:
                 raise DataPrepError(f"{path}: cannot decompress ({e})") from e
-        elif path.name.endswith(".jsonl"):
-            for text in _iter_jsonl_texts(raw, path):
+        elif kind == "jsonl":
+            for text in _iter_jsonl_texts(raw, path, counts):
                 if text.strip():
                     yield text, raw.tell()
         else:
@@ -208,6 +284,7 @@ def _tokenized_documents(
     dtype: np.dtype,
     batch_documents: int,
     progress: tqdm,
+    counts: dict[str, int],
 ) -> Iterator[np.ndarray]:
     """Token arrays (document + EOS) in file order; tokenizer calls are batched for throughput."""
     eos = np.array([tokenizer.eos_token_id], dtype=dtype)
@@ -215,7 +292,7 @@ def _tokenized_documents(
     for path in files:
         batch: list[str] = []
         position = 0
-        for text, position in iter_file_documents(path):
+        for text, position in iter_file_documents(path, counts):
             batch.append(text)
             if len(batch) == batch_documents:
                 yield from _encode_batch(batch, tokenizer, dtype, eos)
@@ -247,57 +324,135 @@ def _write_domain(
     shard_size_limit: int,
     show_progress: bool,
 ) -> _DomainResult:
+    """Pack the domain's token stream; the first `eval_sequences` sequences go to eval, the rest to train."""
     result = _DomainResult(files=files)
     columns = {"tokens": f"ndarray:{dtype.name}"}
     packer = _SequencePacker(seq_len)
+    counts: dict[str, int] = {}
     total_bytes = sum(p.stat().st_size for p in files)
+    written = 0  # sequences written so far: stream tokens [0, written * seq_len) are placed
+    stream_tokens = 0
+    unplaced_starts: list[int] = []  # stream offsets of documents that start in the unfinished sequence
     with (
         tqdm(total=total_bytes, unit="B", unit_scale=True, desc=name, disable=not show_progress) as progress,
         MDSWriter(out=str(domain_dir / "eval"), columns=columns, size_limit=shard_size_limit) as eval_writer,
         MDSWriter(out=str(domain_dir / "train"), columns=columns, size_limit=shard_size_limit) as train_writer,
     ):
-        for tokens in _tokenized_documents(files, tokenizer, dtype, batch_documents, progress):
-            filling_eval = result.eval.sequences < eval_sequences
-            split = result.eval if filling_eval else result.train
-            split.documents += 1
+        for tokens in _tokenized_documents(files, tokenizer, dtype, batch_documents, progress, counts):
+            result.documents += 1
+            unplaced_starts.append(stream_tokens)
+            stream_tokens += len(tokens)
             for sequence in packer.add(tokens):
-                if filling_eval and result.eval.sequences == eval_sequences:
-                    result.dropped_tokens += len(sequence)
-                    continue
-                (eval_writer if filling_eval else train_writer).write({"tokens": sequence})
-                split.sequences += 1
-            if filling_eval and result.eval.sequences == eval_sequences:
-                result.dropped_tokens += packer.discard()
-        result.dropped_tokens += packer.discard()
-    if result.eval.documents == 0:
+                (eval_writer if written < eval_sequences else train_writer).write({"tokens": sequence})
+                written += 1
+            placed = written * seq_len
+            while unplaced_starts and unplaced_starts[0] < placed:
+                start_sequence = unplaced_starts.pop(0) // seq_len
+                (result.eval if start_sequence < eval_sequences else result.train).documents += 1
+        result.dropped_tokens = packer.discard()
+    result.eval.sequences = min(written, eval_sequences)
+    result.train.sequences = written - result.eval.sequences
+    result.replaced_surrogates = counts.get("surrogates", 0)
+    if result.documents == 0:
         raise DataPrepError(f"domain {name!r}: no non-empty documents in {len(files)} file(s)")
-    if result.eval.sequences < eval_sequences or result.train.sequences == 0:
-        available = result.eval.sequences + result.train.sequences
+    if result.train.sequences == 0:
         raise DataPrepError(
-            f"domain {name!r}: too little data: {available} full sequence(s) of {seq_len} tokens, "
-            f"but the eval split needs {eval_sequences} and training at least 1 more"
+            f"domain {name!r}: too little data: {written} full sequence(s) of {seq_len} tokens "
+            f"({stream_tokens} tokens in {result.documents} document(s)), but the eval split needs "
+            f"{eval_sequences} and training at least 1 more"
         )
     result.eval.tokens = result.eval.sequences * seq_len
     result.train.tokens = result.train.sequences * seq_len
     return result
 
 
-def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
+# ---- the output folder -----------------------------------------------------------------------------------
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def _written_entries(out_dir: Path) -> list[str]:
+    """What an earlier `prepare_data` wrote into `out_dir`, from its manifest: the manifest and the splits."""
+    try:
+        manifest = load_manifest(out_dir)
+        entries = [MANIFEST_NAME]
+        for domain in manifest["domains"]:
+            for split in SPLITS:
+                path = str(domain[split]["path"])
+                if path != f"{domain['name']}/{split}":
+                    raise ValueError(f"unexpected split path {path!r}")
+                entries.append(path)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise DataPrepError(
+            f"--overwrite replaces only what prepare_data wrote, but {out_dir} is not a prepare_data output "
+            f"(no readable {MANIFEST_NAME}: {error}); choose an empty or new --out"
+        ) from None
+    return entries
+
+
+def _check_out_dir(out_dir: Path, overwrite: bool, domain_files: Mapping[str, list[Path]],
+                   patterns: Mapping[str, list[str]]) -> list[str]:  # fmt: skip
+    """Refuse an OUT_DIR that would lose data; returns the entries an overwrite replaces (empty: none).
+
+    OUT_DIR may not contain an input file, nor lie inside an input folder (a rerun would read its own
+    output). A non-empty OUT_DIR needs `overwrite`, and is then only accepted if it is an earlier output:
+    exactly its manifest and split folders are replaced, anything else in it is left alone.
+    """
     if out_dir.exists() and not out_dir.is_dir():
         raise DataPrepError(f"output path {out_dir} exists and is not a folder")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+    resolved = out_dir.resolve()
+    for name, files in domain_files.items():
+        for file in files:
+            if _inside(file, resolved):
+                raise DataPrepError(f"--out {out_dir} contains input file {file} of domain {name!r}; write the "
+                                    "output to a folder that holds no inputs")  # fmt: skip
+        for pattern in patterns[name]:
+            if Path(pattern).is_dir() and _inside(resolved, Path(pattern).resolve()):
+                raise DataPrepError(f"--out {out_dir} lies inside input folder {pattern} of domain {name!r}; "
+                                    "write the output elsewhere")  # fmt: skip
+    if not out_dir.is_dir() or not any(out_dir.iterdir()):
+        return []
+    if not overwrite:
         raise DataPrepError(f"output folder {out_dir} is not empty; pass --overwrite to replace it")
+    entries = _written_entries(out_dir)
+    previous = {entry.split("/")[0] for entry in entries}
+    for name in domain_files:
+        if (out_dir / name).exists() and name not in previous:
+            raise DataPrepError(f"{out_dir / name} exists but was not written by prepare_data (not in "
+                                f"{out_dir / MANIFEST_NAME}); move it away or choose another --out")  # fmt: skip
+    return entries
 
 
-def _replace_dir(finished: Path, target: Path) -> None:
-    """Move a finished folder into place so readers never see a half-written OUT_DIR."""
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, old)
-        os.replace(finished, target)
-        shutil.rmtree(old)
-    else:
-        os.replace(finished, target)
+def _replace_outputs(staging: Path, out_dir: Path, old_entries: list[str]) -> None:
+    """Move the finished output into place, replacing only `old_entries` (an earlier output's) in OUT_DIR.
+
+    Into an absent or empty OUT_DIR the staging folder is renamed in one step. Otherwise the old manifest
+    goes first and the new one comes last, so a reader never finds a manifest describing other files.
+    """
+    if not old_entries:
+        if out_dir.is_dir():
+            out_dir.rmdir()
+        os.replace(staging, out_dir)
+        return
+    retired = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+    try:
+        for entry in old_entries:  # the manifest first
+            if (out_dir / entry).exists():
+                (retired / entry).parent.mkdir(parents=True, exist_ok=True)
+                os.replace(out_dir / entry, retired / entry)
+        for entry in {entry.split("/")[0] for entry in old_entries if "/" in entry}:
+            if (out_dir / entry).is_dir() and not any((out_dir / entry).iterdir()):
+                (out_dir / entry).rmdir()
+        for domain in sorted(p.name for p in staging.iterdir() if p.is_dir()):
+            (out_dir / domain).mkdir(exist_ok=True)
+            for split in SPLITS:
+                os.replace(staging / domain / split, out_dir / domain / split)
+        os.replace(staging / MANIFEST_NAME, out_dir / MANIFEST_NAME)
+    finally:
+        shutil.rmtree(retired, ignore_errors=True)
+    shutil.rmtree(staging, ignore_errors=True)
 
 
 def prepare_data(
@@ -314,6 +469,7 @@ def prepare_data(
     """Build the per-domain MDS dataset described in the module docstring and return its manifest.
 
     `domains` maps a name to a path, folder or glob (or a list of them); order is kept as domain order.
+    With `overwrite`, a non-empty `out_dir` must be an earlier output, and only its files are replaced.
     """
     if not domains:
         raise DataPrepError("no domains given")
@@ -325,8 +481,9 @@ def prepare_data(
     for name in sources:
         validate_domain_name(name)
     out_path = Path(out_dir)
-    _check_out_dir(out_path, overwrite)
-    domain_files = {name: resolve_domain_files(name, [str(p) for p in specs]) for name, specs in sources.items()}
+    patterns = {name: [str(p) for p in specs] for name, specs in sources.items()}
+    domain_files = {name: resolve_domain_files(name, patterns[name]) for name in sources}
+    _check_out_dir(out_path, overwrite, domain_files, patterns)
     tokenizer = load_tokenizer(tokenizer_dir)
     dtype = token_dtype_for_vocab(len(tokenizer))
 
@@ -345,15 +502,18 @@ def prepare_data(
                 "name": name,
                 "sources": [str(p) for p in sources[name]],
                 "files": len(files),
+                "documents": result.documents,
                 "train": {"path": f"{name}/train", **vars(result.train)},
                 "eval": {"path": f"{name}/eval", **vars(result.eval)},
                 "dropped_tokens": result.dropped_tokens,
+                "replaced_surrogates": result.replaced_surrogates,
             })
         manifest = {
             "format_version": MANIFEST_FORMAT_VERSION,
             "seq_len": seq_len,
             "eval_sequences": eval_sequences,
             "tokenizer": str(tokenizer_dir),
+            FINGERPRINT_KEY: tokenizer_fingerprint(tokenizer),
             "vocab_size": len(tokenizer),
             "eos_token_id": tokenizer.eos_token_id,
             "token_dtype": dtype.name,
@@ -362,11 +522,27 @@ def prepare_data(
         with open(staging / MANIFEST_NAME, "w", encoding="utf-8") as f:
             json.dump(manifest, f, indent=2)
             f.write("\n")
-        _replace_dir(staging, out_path)
+        # Checked again: the folder may have been filled while we worked.
+        old_entries = _check_out_dir(out_path, overwrite, domain_files, patterns)
+        _replace_outputs(staging, out_path, old_entries)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return manifest
+
+
+def summary_lines(manifest: Mapping[str, Any]) -> list[str]:
+    """Per domain: tokens in train / eval / dropped (and replaced lone surrogates), for the end of a run."""
+    lines = []
+    for domain in manifest["domains"]:
+        line = (f"{domain['name']}: {domain['train']['tokens']:,} train / {domain['eval']['tokens']:,} eval / "
+                f"{domain['dropped_tokens']:,} dropped tokens ({domain['train']['sequences']:,} + "
+                f"{domain['eval']['sequences']:,} sequences of {manifest['seq_len']} tokens, {domain['files']} "
+                f"file(s), {domain['documents']:,} document(s))")  # fmt: skip
+        if domain.get("replaced_surrogates"):
+            line += f"; replaced {domain['replaced_surrogates']:,} lone surrogate(s) with U+FFFD"
+        lines.append(line)
+    return lines
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
@@ -381,7 +557,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
         "--domain", action="append", required=True, metavar="NAME=PATH_OR_GLOB",
         help="a domain and its input (folder, file or glob; repeat a NAME to add inputs); order = domain order",
     )
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an earlier prepare_data output in --out (only the files it wrote)")
     parser.add_argument("--batch-documents", type=int, default=256, help="documents per tokenizer call")
     parser.add_argument("--shard-size-limit", type=int, default=1 << 26, help="bytes per MDS shard")
     parser.add_argument("--no-progress", action="store_true", help="disable the progress bars")
@@ -401,13 +578,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             overwrite=args.overwrite, batch_documents=args.batch_documents,
             shard_size_limit=args.shard_size_limit, show_progress=not args.no_progress,
         )
-    except DataPrepError as e:
+    except ConfigError as e:
         print(f"prepare_data: error: {e}", file=sys.stderr)
         return 2
-    for domain in manifest["domains"]:
-        print(
-            f"{domain['name']}: {domain['train']['sequences']} train / {domain['eval']['sequences']} eval "
-            f"sequences of {manifest['seq_len']} tokens ({domain['files']} files)"
-        )
+    for line in summary_lines(manifest):
+        print(line)
     print(f"wrote {args.out}")
     return 0

@@ -18,7 +18,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from transformers import PreTrainedTokenizerBase
+
+from drpruning.data_checks import check_seq_len, check_tokenizer, tokenizer_from_config
 from drpruning.data_prep import load_manifest, select_domains
+from drpruning.errors import ConfigError, DataDirError
 
 BLOCK_NAME = "domain_eval"
 _BLOCK_KEYS = {
@@ -36,20 +40,25 @@ def domain_eval_loaders(
     prefetch_factor: int = 2,
     persistent_workers: bool = False,
     pin_memory: bool = False,
+    tokenizer: PreTrainedTokenizerBase | None = None,
 ) -> list[dict[str, Any]]:
-    """Stock `text` loader configs, one per domain (default: all, in manifest order), labelled by domain."""
+    """Stock `text` loader configs, one per domain (default: all, in manifest order), labelled by domain.
+
+    `tokenizer` (the run's) is checked against the one the data was prepared with, when given.
+    """
     manifest = load_manifest(data_dir)
     try:
         selected = select_domains(manifest, domains, data_dir)
     except ValueError as error:
-        raise ValueError(f"domain_eval: {error}") from None
-    if max_seq_len > manifest["seq_len"]:
-        raise ValueError(f"domain_eval: max_seq_len {max_seq_len} exceeds the prepared seq_len {manifest['seq_len']}")
+        raise ConfigError(f"domain_eval: {error}") from None
+    check_seq_len(manifest, data_dir, max_seq_len, "domain_eval")
+    if tokenizer is not None:
+        check_tokenizer(manifest, data_dir, tokenizer, "domain_eval")
     loaders = []
     for domain in selected:
         split_dir = Path(data_dir) / domain / split
         if not (split_dir / "index.json").is_file():
-            raise FileNotFoundError(f"domain_eval: no MDS split at {split_dir}")
+            raise DataDirError(f"domain_eval: no MDS split at {split_dir}")
         multiprocess = num_workers > 0
         loaders.append({
             "label": domain,
@@ -77,14 +86,14 @@ def _is_block(loader: Any) -> bool:
 def _expand(block: dict[str, Any], cfg: dict[str, Any]) -> list[dict[str, Any]]:
     unknown = sorted(set(block) - _BLOCK_KEYS)
     if unknown:
-        raise ValueError(f"domain_eval: unknown key(s) {unknown}; allowed: {sorted(_BLOCK_KEYS)}")
+        raise ConfigError(f"domain_eval: unknown key(s) {unknown}; allowed: {sorted(_BLOCK_KEYS)}")
     if "data_dir" not in block:
-        raise ValueError("domain_eval: `data_dir` (a prepare_data output folder) is required")
+        raise ConfigError("domain_eval: `data_dir` (a prepare_data output folder) is required")
     options = {k: v for k, v in block.items() if k not in ("name", "data_dir")}
     options.setdefault("max_seq_len", cfg.get("max_seq_len"))
     if options["max_seq_len"] is None:
-        raise ValueError("domain_eval: set `max_seq_len` in the block or at the top level of the config")
-    return domain_eval_loaders(block["data_dir"], **options)
+        raise ConfigError("domain_eval: set `max_seq_len` in the block or at the top level of the config")
+    return domain_eval_loaders(block["data_dir"], **options, tokenizer=tokenizer_from_config(cfg))
 
 
 def expand_domain_eval(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -100,7 +109,7 @@ def expand_domain_eval(cfg: dict[str, Any]) -> dict[str, Any]:
     if _is_block(loader):
         # A single block becomes several loaders; foundry expects multiple loaders under `eval_loaders`.
         if cfg.get("eval_loaders"):
-            raise ValueError("domain_eval: set either `eval_loader` or `eval_loaders`, not both")
+            raise ConfigError("domain_eval: set either `eval_loader` or `eval_loaders`, not both")
         cfg.pop("eval_loader")
         cfg["eval_loaders"] = _expand(loader, cfg)
         return cfg
@@ -112,6 +121,6 @@ def expand_domain_eval(cfg: dict[str, Any]) -> dict[str, Any]:
             labels = [entry.get("label") for entry in expanded]
             duplicates = sorted({label for label in labels if labels.count(label) > 1 and label is not None})
             if duplicates:
-                raise ValueError(f"domain_eval: evaluator label(s) {duplicates} appear more than once")
+                raise ConfigError(f"domain_eval: evaluator label(s) {duplicates} appear more than once")
             cfg[key] = expanded
     return cfg

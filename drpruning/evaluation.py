@@ -12,6 +12,7 @@ import argparse
 import json
 import math
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,9 +21,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from streaming import LocalDataset
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from drpruning.data_checks import check_tokenizer
 from drpruning.data_prep import load_manifest
+from drpruning.errors import ConfigError, DataDirError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -34,16 +37,16 @@ def load_domain_sequences(
     manifest = load_manifest(data_dir)
     entries = {entry["name"]: entry for entry in manifest["domains"]}
     if domain not in entries:
-        raise ValueError(f"domain {domain!r} is not in {Path(data_dir) / 'manifest.json'}; known: {list(entries)}")
+        raise ConfigError(f"domain {domain!r} is not in {Path(data_dir) / 'manifest.json'}; known: {list(entries)}")
     if split not in entries[domain]:
-        raise ValueError(f"domain {domain!r} has no {split!r} split in {data_dir}")
+        raise ConfigError(f"domain {domain!r} has no {split!r} split in {data_dir}")
     split_dir = Path(data_dir) / entries[domain][split]["path"]
     if not (split_dir / "index.json").is_file():
-        raise FileNotFoundError(f"no MDS index at {split_dir}: the data folder is incomplete")
+        raise DataDirError(f"no MDS index at {split_dir}: the data folder is incomplete")
     dataset = LocalDataset(local=str(split_dir))
     count = len(dataset) if max_sequences is None else min(len(dataset), max_sequences)
     if count == 0:
-        raise ValueError(f"{split_dir} holds no sequences")
+        raise ConfigError(f"{split_dir} holds no sequences")
     return np.stack([np.asarray(dataset[i]["tokens"], dtype=np.int64) for i in range(count)])
 
 
@@ -58,8 +61,15 @@ def sequence_loss_sums(model: PreTrainedModel, tokens: torch.Tensor) -> tuple[fl
 
 def _load_model(model_dir: str | Path, device: torch.device, dtype: torch.dtype) -> PreTrainedModel:
     if not (Path(model_dir) / "config.json").is_file():
-        raise FileNotFoundError(f"{model_dir} is not a Hugging Face model folder (no config.json)")
+        raise DataDirError(f"{model_dir} is not a Hugging Face model folder (no config.json)")
     return AutoModelForCausalLM.from_pretrained(str(model_dir), torch_dtype=dtype).to(device)
+
+
+def _model_tokenizer(model_dir: str | Path) -> PreTrainedTokenizerBase | None:
+    """The tokenizer saved with a model folder (exports and source models carry one), else None."""
+    if not any((Path(model_dir) / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+        return None
+    return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
 
 
 def evaluate_domains(
@@ -71,31 +81,42 @@ def evaluate_domains(
     batch_size: int = 4,
     device: str | torch.device | None = None,
     dtype: str = "float32",
+    tokenizer: PreTrainedTokenizerBase | None = None,
 ) -> dict[str, Any]:
     """Per-domain loss / perplexity / token count, the unweighted average loss, and the worst domain.
 
     `domains` defaults to every domain of the manifest (in its order); `max_sequences` caps the sequences
-    per domain (the first ones, so runs compare on the same data).
+    per domain (the first ones, so runs compare on the same data). The data must have been tokenized with
+    the model's tokenizer: `tokenizer`, else the one saved in the model folder (if neither, a warning).
     """
     if batch_size < 1:
-        raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
+        raise ConfigError(f"batch_size must be ≥ 1, got {batch_size}")
     manifest = load_manifest(data_dir)
     selected = [entry["name"] for entry in manifest["domains"]] if domains is None else list(domains)
     if not selected:
-        raise ValueError("no domains to evaluate")
+        raise ConfigError("no domains to evaluate")
     target_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if isinstance(model_dir_or_model, str | Path):
         if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
+            raise ConfigError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
+        if tokenizer is None:
+            tokenizer = _model_tokenizer(model_dir_or_model)
+            if tokenizer is None and (Path(model_dir_or_model) / "config.json").is_file():
+                warnings.warn(f"{model_dir_or_model} holds no tokenizer, so nothing checks that {data_dir} was "
+                              "tokenized for this model", stacklevel=2)  # fmt: skip
+        if tokenizer is not None:
+            check_tokenizer(manifest, data_dir, tokenizer, "")
         model = _load_model(model_dir_or_model, target_device, DTYPES[dtype])
         model_name = str(model_dir_or_model)
     else:
+        if tokenizer is not None:
+            check_tokenizer(manifest, data_dir, tokenizer, "")
         model = model_dir_or_model
         target_device = next(model.parameters()).device
         model_name = str(getattr(model.config, "name_or_path", "") or type(model).__name__)
     if manifest["vocab_size"] > model.config.vocab_size:
-        raise ValueError(f"{data_dir} was tokenized with {manifest['vocab_size']} token ids but the model's "
-                         f"vocabulary has {model.config.vocab_size}")
+        raise ConfigError(f"{data_dir} was tokenized with {manifest['vocab_size']} token ids but the model's "
+                          f"vocabulary has {model.config.vocab_size}")
     was_training = model.training
     model.eval()
     results: dict[str, dict[str, float | int]] = {}
@@ -154,7 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         report = evaluate_domains(args.model_dir, args.data_dir, domains=args.domains, split=args.split,
                                   max_sequences=args.max_sequences, batch_size=args.batch_size,
                                   device=args.device, dtype=args.dtype)
-    except (FileNotFoundError, ValueError) as error:
+    except ConfigError as error:
         print(f"eval_domains: error: {error}", file=sys.stderr)
         return 2
     print(format_table(report))

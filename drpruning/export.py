@@ -36,6 +36,7 @@ from accelerate import init_empty_weights
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from drpruning.errors import ConfigError
 from drpruning.masks import L0Module
 from drpruning.prunable import make_prunable
 from drpruning.shapes import PRUNING_MODULES, TARGET_KEYS, ModelShape, ShapeError
@@ -55,6 +56,14 @@ VERIFY_RTOL = 1e-4
 VERIFY_SEQUENCE_LENGTH = 32
 _CHECKPOINT_NAME = re.compile(r"^ep(\d+)-ba(\d+)(-rank0\.pt)?$")
 _DCP_METADATA = ".metadata"
+SUMMARY_FILE = "pruning.json"
+# Every file `save_pretrained` of a causal LM and its tokenizer can write, plus the summary: what a previous
+# export may hold. `--overwrite` replaces a folder only if it holds nothing else.
+_EXPORT_FILE = re.compile(
+    r"^(config\.json|generation_config\.json|pruning\.json|model(-\d+-of-\d+)?\.safetensors"
+    r"|model\.safetensors\.index\.json|tokenizer(_config)?\.json|tokenizer\.model|special_tokens_map\.json"
+    r"|added_tokens\.json|vocab\.(json|txt)|merges\.txt|chat_template\.(jinja|json))$"
+)
 
 
 class ExportError(RuntimeError):
@@ -422,11 +431,30 @@ def load_pruning_checkpoint(checkpoint_or_run_dir: str | Path) -> PruningCheckpo
 # ---- writing the export ----------------------------------------------------------------------------------
 
 
-def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
+def _check_out_dir(out_dir: Path, overwrite: bool, source: Path) -> None:
+    """Refuse an OUT_DIR that would destroy something: the input (or a folder around or inside it), or,
+    with `overwrite`, anything but a previous export (recognised by its pruning.json and export files only)."""
+    out, source = out_dir.resolve(), source.resolve()
+    if out == source or source in out.parents:
+        where = "is" if out == source else "lies inside"
+        raise ExportError(f"{out_dir} {where} the input {source}; write the export to a folder outside it")
+    if out in source.parents:
+        raise ExportError(f"{out_dir} contains the input {source}; write the export to a folder outside it")
     if out_dir.exists() and not out_dir.is_dir():
         raise ExportError(f"{out_dir} exists and is not a directory")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+    if not out_dir.is_dir() or not any(out_dir.iterdir()):
+        return
+    if not overwrite:
         raise ExportError(f"{out_dir} exists and is not empty; pass --overwrite (overwrite=True) to replace it")
+    if not (out_dir / SUMMARY_FILE).is_file():
+        raise ExportError(f"{out_dir} is not a previous export (no {SUMMARY_FILE}); --overwrite replaces only an "
+                          "export, so choose an empty or new folder")  # fmt: skip
+    foreign = sorted(p.name + ("/" if p.is_dir() else "") for p in out_dir.iterdir()
+                     if p.is_dir() or not _EXPORT_FILE.match(p.name))  # fmt: skip
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise ExportError(f"{out_dir} holds files an export does not write ({shown}); --overwrite replaces only a "
+                          "previous export, so move them away or choose another folder")  # fmt: skip
 
 
 def _save_tokenizer(out_dir: Path, override: str | Path | None, source: str | None,
@@ -467,7 +495,7 @@ def export_run(
     logit check) leaves nothing that looks like a finished export.
     """
     out_dir = Path(out_dir)
-    _check_out_dir(out_dir, overwrite)
+    _check_out_dir(out_dir, overwrite, Path(checkpoint_or_run_dir))
     loaded = load_pruning_checkpoint(checkpoint_or_run_dir)
     model, l0_module = loaded.model, loaded.l0_module
     masks = l0_module.target_masks()
@@ -494,16 +522,16 @@ def export_run(
     try:
         dense.save_pretrained(str(staging), safe_serialization=True)
         summary["tokenizer"] = _save_tokenizer(staging, tokenizer, loaded.source, loaded.embedded_tokenizer)
-        (staging / "pruning.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-        _replace_dir(staging, out_dir, overwrite)
+        (staging / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        _replace_dir(staging, out_dir, overwrite, Path(checkpoint_or_run_dir))
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out_dir
 
 
-def _replace_dir(staging: Path, out_dir: Path, overwrite: bool) -> None:
-    _check_out_dir(out_dir, overwrite)  # re-check: the folder may have been filled while we worked
+def _replace_dir(staging: Path, out_dir: Path, overwrite: bool, source: Path) -> None:
+    _check_out_dir(out_dir, overwrite, source)  # re-check: the folder may have been filled while we worked
     if out_dir.is_dir() and any(out_dir.iterdir()):
         retired = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
         out_dir.rename(retired / out_dir.name)
@@ -519,7 +547,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Export a DRPruning run's masks as a dense Hugging Face model.")
     parser.add_argument("checkpoint", help="run folder (its latest checkpoint), checkpoint file, or sharded dir")
     parser.add_argument("out_dir", help="output HF model directory")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a previous export in OUT_DIR (a folder holding anything else is refused)")
     parser.add_argument("--no-verify", action="store_true", help="skip the masked-vs-dense logit check")
     parser.add_argument("--tokenizer", help="tokenizer dir to copy (default: the source model's)")
     args = parser.parse_args(argv)
@@ -527,7 +556,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         out = export_run(args.checkpoint, args.out_dir, overwrite=args.overwrite, verify=not args.no_verify,
                          tokenizer=args.tokenizer)  # fmt: skip
-    except ExportError as error:
+    except (ExportError, ConfigError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     summary = json.loads((out / "pruning.json").read_text(encoding="utf-8"))

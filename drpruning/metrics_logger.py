@@ -3,12 +3,15 @@
 `scripts/plot_run.py` reads the file back (sparsity, Lagrange multipliers, losses, per-domain eval loss),
 so it must survive resumption: the logger's checkpointed state is the number of lines the file held at the
 checkpoint, and a resumed run cuts the file back to exactly those lines before it appends again. A run
-that starts from batch 0 starts a fresh file.
+that starts from batch 0 starts a fresh file; an earlier run's file is never truncated, it is moved aside
+with the rest of that run (`drpruning.runs.start_run_in_folder`). Nothing touches the file before the run
+starts (its first eval or FIT_START), so a start refused by a config check leaves it as it was.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import numbers
 from pathlib import Path
 from typing import Any
@@ -19,9 +22,10 @@ from composer.loggers import Logger, LoggerDestination
 from composer.utils import dist
 from composer.utils.file_helpers import format_name_with_dist
 
-from drpruning.runs import keep_jsonl_lines, run_folder
+from drpruning.runs import check_run_folder, keep_jsonl_lines, move_aside, run_folder, start_run_in_folder
 
 METRICS_FILE = "metrics.jsonl"
+log = logging.getLogger(__name__)
 
 
 def _as_float(value: Any) -> float | None:
@@ -45,8 +49,8 @@ class JSONLMetricsLogger(LoggerDestination):
             (`drpruning.runs.run_folder`), next to the checkpoints, so a resumed run finds its own file.
         filename: the file name inside `folder`.
 
-    Only global rank 0 writes. Records logged before the folder is known (before `Event.AFTER_LOAD`)
-    are held back and written once the file has been reset or cut back for this run.
+    Only global rank 0 writes. Records logged before the run starts (the standalone eval of `eval_first`,
+    else FIT_START) are held back and written once the file has been started or cut back for this run.
     """
 
     def __init__(self, folder: str | None = None, filename: str = METRICS_FILE) -> None:
@@ -69,10 +73,24 @@ class JSONLMetricsLogger(LoggerDestination):
         self.path = folder / self.filename
 
     def after_load(self, state: State, logger: Logger) -> None:
+        check_run_folder(state)
+
+    def eval_standalone_start(self, state: State, logger: Logger) -> None:
+        """`eval_first` evaluates before `fit()` starts, and its metrics belong to the run."""
+        self._start(state)
+
+    def fit_start(self, state: State, logger: Logger) -> None:
+        self._start(state)
+
+    def _start(self, state: State) -> None:
         """Make the file match an uninterrupted run up to the loaded timestamp, then flush held-back records.
 
-        AFTER_LOAD (not FIT_START) because LLM-Foundry's `eval_first` logs before `fit()` starts.
+        Not at AFTER_LOAD: the other components validate their configuration there and at FIT_START, and
+        a refused start must not have cut the file.
         """
+        if self._aligned:
+            return
+        start_run_in_folder(state)
         if self._is_writer:
             self._align_file_with_checkpoint(int(state.timestamp.batch))
             for record in self._pending:
@@ -111,7 +129,9 @@ class JSONLMetricsLogger(LoggerDestination):
     def _align_file_with_checkpoint(self, resumed_batch: int) -> None:
         assert self.path is not None
         if resumed_batch == 0:
-            self.path.unlink(missing_ok=True)
+            if self.path.exists():  # outside the run folder (a custom `folder`): keep the old file too
+                moved = move_aside(self.path.parent, [self.path])
+                log.warning("%s belongs to an earlier run; moved it to %s", self.path, moved)
         elif self._checkpoint_lines is not None:
             self._keep_first_lines(self._checkpoint_lines)
         else:

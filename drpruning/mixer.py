@@ -30,8 +30,10 @@ from streaming import LocalDataset
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from transformers import PreTrainedTokenizerBase
 
+from drpruning.data_checks import check_seq_len, check_tokenizer
 from drpruning.data_prep import load_manifest, select_domains
 from drpruning.dro import validate_proportions as check_distribution
+from drpruning.errors import ConfigError
 
 STATE_FORMAT_VERSION = 1
 BATCHES_PER_EPOCH = 1 << 40
@@ -48,16 +50,19 @@ def validate_proportions(
     if isinstance(proportions, Mapping):
         unknown = sorted(set(proportions) - set(domains))
         if unknown:
-            raise ValueError(f"proportions name unknown domain(s) {unknown}; known domains: {list(domains)}")
+            raise ConfigError(f"proportions name unknown domain(s) {unknown}; known domains: {list(domains)}")
         missing = [d for d in domains if d not in proportions]
         if missing:
-            raise ValueError(f"proportions miss domain(s) {missing}; give one value for each of {list(domains)}")
+            raise ConfigError(f"proportions miss domain(s) {missing}; give one value for each of {list(domains)}")
         values = np.array([float(proportions[d]) for d in domains], dtype=np.float64)
     else:
         values = np.asarray(proportions, dtype=np.float64).reshape(-1)
         if len(values) != len(domains):
-            raise ValueError(f"got {len(values)} proportions for {len(domains)} domains {list(domains)}")
-    values = check_distribution(values)
+            raise ConfigError(f"got {len(values)} proportions for {len(domains)} domains {list(domains)}")
+    try:
+        values = check_distribution(values)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     return values / values.sum()
 
 
@@ -247,10 +252,10 @@ class DomainMixtureDataset(Dataset):
         manifest = load_manifest(data_dir)
         selected = select_domains(manifest, domains, data_dir)
         seq_len = int(manifest["seq_len"])
-        if max_seq_len is not None and not 1 <= max_seq_len <= seq_len:
-            raise ValueError(f"max_seq_len {max_seq_len} must be in [1, {seq_len}] (the prepared sequence length)")
+        if max_seq_len is not None:
+            check_seq_len(manifest, data_dir, max_seq_len, "domain_mixture")
         if lag < 0:
-            raise ValueError(f"lag must be >= 0, got {lag}")
+            raise ConfigError(f"lag must be >= 0, got {lag}")
         self.data_dir = Path(data_dir)
         self.domains: list[str] = selected
         self.initial_proportions = (
@@ -260,6 +265,7 @@ class DomainMixtureDataset(Dataset):
         )
         self.max_seq_len = max_seq_len or seq_len
         self.vocab_size = int(manifest["vocab_size"])
+        self.manifest = manifest
         self.lag = lag
         self.seed = seed
         self.readers = [LocalDataset(local=str(self.data_dir / d / split)) for d in selected]
@@ -304,7 +310,7 @@ class DomainMixtureDataset(Dataset):
         expected = {"domains": list(self.domains), "seed": self.seed, "global_batch_size": self.global_batch_size}
         for key, value in expected.items():
             if obj.get(key) != value:
-                raise ValueError(f"checkpointed mixer has {key}={obj.get(key)!r} but this run has {value!r}")
+                raise ConfigError(f"checkpointed mixer has {key}={obj.get(key)!r} but this run has {value!r}")
         if obj.get("format_version") != STATE_FORMAT_VERSION:
             raise ValueError(f"unsupported mixer state format {obj.get('format_version')!r}")
         self.plan.load_state_dict(obj)
@@ -319,7 +325,7 @@ class DomainBatchSampler(DistributedSampler):
 
     def __init__(self, dataset: DomainMixtureDataset, rank: int, world_size: int) -> None:
         if dataset.global_batch_size % world_size:
-            raise ValueError(
+            raise ConfigError(
                 f"global batch size {dataset.global_batch_size} is not divisible by world size {world_size}"
             )
         if not 0 <= rank < world_size:
@@ -379,9 +385,9 @@ def build_domain_mixture_dataloader(
     number of batches the DataLoader requests ahead. `pin_memory` defaults to "when CUDA is available".
     """
     if device_batch_size != int(device_batch_size) or device_batch_size < 1:
-        raise ValueError(f"domain_mixture needs a positive integer device batch size, got {device_batch_size}")
+        raise ConfigError(f"domain_mixture needs a positive integer device batch size, got {device_batch_size}")
     if num_workers < 0 or (num_workers > 0 and prefetch_factor < 1):
-        raise ValueError(f"need num_workers >= 0 and prefetch_factor >= 1, got {num_workers}, {prefetch_factor}")
+        raise ConfigError(f"need num_workers >= 0 and prefetch_factor >= 1, got {num_workers}, {prefetch_factor}")
     world_size, rank = dist.get_world_size(), dist.get_global_rank()
     dataset = DomainMixtureDataset(
         data_dir,
@@ -392,11 +398,8 @@ def build_domain_mixture_dataloader(
         max_seq_len=max_seq_len,
         lag=num_workers * prefetch_factor,
     )
-    if tokenizer is not None and len(tokenizer) < dataset.vocab_size:
-        raise ValueError(
-            f"{data_dir} was tokenized with a vocabulary of {dataset.vocab_size} tokens but the run's tokenizer "
-            f"has {len(tokenizer)}"
-        )
+    if tokenizer is not None:
+        check_tokenizer(dataset.manifest, data_dir, tokenizer, "domain_mixture")
     multiprocess = num_workers > 0
     loader = DataLoader(
         dataset,

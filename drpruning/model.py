@@ -15,6 +15,7 @@ from llmfoundry.models.hf.hf_causal_lm import ComposerHFCausalLM
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
+from drpruning.errors import ConfigError
 from drpruning.masks import L0Module
 from drpruning.prunable import make_prunable
 from drpruning.shapes import ModelShape
@@ -100,9 +101,9 @@ class DRPruningCausalLM(ComposerHFCausalLM):
             unknown = sorted(set(l0_module) - {"pruning_modules", "target", "lagrangian_warmup", "init_log_alpha",
                                              "eval_masks"})
             if unknown:
-                raise ValueError(f"unknown l0_module keys {unknown}")
+                raise ConfigError(f"unknown l0_module keys {unknown}")
             if "target" not in l0_module:
-                raise ValueError("l0_module needs a `target` shape, e.g. {n_layers: 24, hidden_size: 2048, ...}")
+                raise ConfigError("l0_module needs a `target` shape, e.g. {n_layers: 24, hidden_size: 2048, ...}")
             self.l0_module = L0Module(self.shape, **dict(l0_module))
             self.mask_state = make_prunable(self.model, self.shape)
 

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from drpruning.dro import dro_proportions, normalise_within_bounds, validate_proportions
+from drpruning.errors import ConfigError
 from drpruning.scaling_law import predict_final_loss
 
 POLICY_NAMES = ("constant", "sheared", "dro", "drpruning")
@@ -90,7 +91,7 @@ class Policy(ABC):
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if state["name"] != self.name:
-            raise ValueError(f"checkpoint holds policy '{state['name']}' but this run uses '{self.name}'")
+            raise ConfigError(f"checkpoint holds policy '{state['name']}' but this run uses '{self.name}'")
         self._reference_losses = None
         if state["reference_losses"] is not None:
             self.set_reference_losses(state["reference_losses"])
@@ -122,9 +123,9 @@ class ShearedPolicy(Policy):
                  smoothing: float = 1e-4, clip_excess: bool = False) -> None:
         super().__init__(initial_proportions, reference_losses)
         if not math.isfinite(eta) or eta < 0:
-            raise ValueError(f"eta must be finite and ≥ 0, got {eta}")
+            raise ConfigError(f"eta must be finite and ≥ 0, got {eta}")
         if not 0.0 <= smoothing <= 1.0:
-            raise ValueError(f"smoothing must lie in [0, 1], got {smoothing}")
+            raise ConfigError(f"smoothing must lie in [0, 1], got {smoothing}")
         self.eta = float(eta)
         self.smoothing = float(smoothing)
         self.clip_excess = bool(clip_excess)
@@ -176,19 +177,19 @@ class DROPolicy(Policy):
                  clamp_ratio_to_initial_range: bool = True) -> None:
         super().__init__(initial_proportions, reference_losses)
         if not math.isfinite(rho) or rho < 0:
-            raise ValueError(f"rho must be finite and ≥ 0, got {rho}")
+            raise ConfigError(f"rho must be finite and ≥ 0, got {rho}")
         if not 0.0 < delta <= 1.0:
-            raise ValueError(f"delta must lie in (0, 1], got {delta}")
+            raise ConfigError(f"delta must lie in (0, 1], got {delta}")
         if not (math.isfinite(ratio_bound) and ratio_bound >= 1.0):
-            raise ValueError(f"ratio_bound must be ≥ 1, got {ratio_bound}")
+            raise ConfigError(f"ratio_bound must be ≥ 1, got {ratio_bound}")
         for key, value in (("reference_loss_start", reference_loss_start),
                            ("reference_ratio_start", reference_ratio_start)):
             if not 0.0 <= value <= 1.0:
-                raise ValueError(f"{key} is a fraction of training and must lie in [0, 1], got {value}")
+                raise ConfigError(f"{key} is a fraction of training and must lie in [0, 1], got {value}")
         if min_points < 5:
-            raise ValueError(f"min_points must be ≥ 5 (the fit has up to 4 parameters), got {min_points}")
+            raise ConfigError(f"min_points must be ≥ 5 (the fit has up to 4 parameters), got {min_points}")
         if max_history < min_points:
-            raise ValueError(f"max_history ({max_history}) must be ≥ min_points ({min_points})")
+            raise ConfigError(f"max_history ({max_history}) must be ≥ min_points ({min_points})")
         self.name = "drpruning" if dynamic_reference_loss or dynamic_reference_ratio else "dro"
         self.rho = float(rho)
         self.dynamic_reference_loss = bool(dynamic_reference_loss)
@@ -306,12 +307,12 @@ def make_policy(name: str, initial_proportions: Sequence[float] | np.ndarray,
     """Build a policy by name. The dynamic parts default to on for `drpruning` and off otherwise;
     switching one off under `drpruning` (or on under `dro`) gives the paper's ablations."""
     if name not in POLICY_NAMES:
-        raise ValueError(f"unknown policy '{name}'; choose one of {', '.join(POLICY_NAMES)}")
+        raise ConfigError(f"unknown policy '{name}'; choose one of {', '.join(POLICY_NAMES)}")
     dynamic_default = name == "drpruning"
     dynamic_reference_loss = dynamic_default if dynamic_reference_loss is None else dynamic_reference_loss
     dynamic_reference_ratio = dynamic_default if dynamic_reference_ratio is None else dynamic_reference_ratio
     if name in ("constant", "sheared") and (dynamic_reference_loss or dynamic_reference_ratio):
-        raise ValueError(f"dynamic_reference_loss / dynamic_reference_ratio apply to dro and drpruning, not '{name}'")
+        raise ConfigError(f"dynamic_reference_loss / dynamic_reference_ratio apply to dro and drpruning, not '{name}'")
     if name == "constant":
         return ConstantPolicy(initial_proportions, reference_losses)
     if name == "sheared":

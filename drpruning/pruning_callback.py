@@ -15,8 +15,9 @@ from composer.core import Callback, State
 from composer.loggers import Logger
 from composer.utils import dist
 
+from drpruning.errors import ConfigError
 from drpruning.masks import L0Module
-from drpruning.runs import run_folder, unwrap_model, write_json
+from drpruning.runs import check_run_folder, run_folder, start_run_in_folder, unwrap_model, write_json
 from drpruning.shapes import module_sizes
 
 # Logged at every eval: mean kept units per row of each mask, and the parameter count of the scored model.
@@ -48,7 +49,7 @@ class PruningCallback(Callback):
         model = unwrap_model(state.model)
         l0 = getattr(model, "l0_module", None)
         if l0 is None:
-            raise ValueError(
+            raise ConfigError(
                 "the `pruning` callback needs a model with an `l0_module` block (model.name: drpruning_causal_lm); "
                 "remove the callback for continued pretraining"
             )
@@ -67,7 +68,14 @@ class PruningCallback(Callback):
         if state.optimizers:
             check_optimizer_groups(model, state.optimizers[0])
 
+    def after_load(self, state: State, logger: Logger) -> None:
+        check_run_folder(state)
+
+    def eval_standalone_start(self, state: State, logger: Logger) -> None:
+        start_run_in_folder(state)
+
     def fit_start(self, state: State, logger: Logger) -> None:
+        start_run_in_folder(state)  # before the first write: an earlier run in the folder is refused or moved
         if self.save_masks:
             write_json(run_folder(state) / "masks" / "meta.json", self.metadata)
 
@@ -109,7 +117,7 @@ class PruningCallback(Callback):
         saved = state.get("l0")
         current = self.metadata.get("l0")
         if saved and current and saved["target_shape"] != current["target_shape"]:
-            raise ValueError(
+            raise ConfigError(
                 f"the checkpoint was pruned toward {saved['target_shape']} but this run's l0_module targets "
                 f"{current['target_shape']}; resume with the original target or start a new run"
             )
@@ -125,7 +133,7 @@ def check_optimizer_groups(model: torch.nn.Module, optimizer: torch.optim.Optimi
         is_lambda = ["l0_module.lambda_" in n for n in group_names]
         if any(is_lambda):
             if not all(is_lambda) or lr >= 0:
-                raise ValueError(
+                raise ConfigError(
                     "the Lagrange multipliers (l0_module.lambda_*) must be in a param group of their own with a "
                     f"negative lr (gradient ascent); found lr={lr} with {len(group_names)} params. Use:\n"
                     + OPTIMIZER_HELP
@@ -136,7 +144,7 @@ def check_optimizer_groups(model: torch.nn.Module, optimizer: torch.optim.Optimi
         if any("l0_module." not in n for n in group_names):
             base_lr = lr if base_lr is None else base_lr
     if not lambda_groups:
-        raise ValueError("no optimizer param group holds the Lagrange multipliers. Use:\n" + OPTIMIZER_HELP)
+        raise ConfigError("no optimizer param group holds the Lagrange multipliers. Use:\n" + OPTIMIZER_HELP)
     if base_lr is not None and any(lr == base_lr for lr in gate_lrs):
         warnings.warn(
             f"the mask gates train at the model's lr ({base_lr}); the method uses lr 1.0 for them. Use:\n"

@@ -22,8 +22,17 @@ from composer.loggers import Logger
 from composer.utils import dist
 
 from drpruning.dro import validate_proportions
+from drpruning.errors import ConfigError
 from drpruning.policies import Observation, Policy, make_policy
-from drpruning.runs import append_jsonl, keep_jsonl_lines, run_folder, unwrap_model, write_json
+from drpruning.runs import (
+    append_jsonl,
+    check_run_folder,
+    keep_jsonl_lines,
+    run_folder,
+    start_run_in_folder,
+    unwrap_model,
+    write_json,
+)
 
 log = logging.getLogger(__name__)
 
@@ -66,17 +75,17 @@ class DataScheduler(Callback):
                  clip_excess: bool = False, clamp_ratio_to_initial_range: bool = True,
                  on_nan: str = "error") -> None:
         if isinstance(update_interval, bool) or not isinstance(update_interval, int) or update_interval < 1:
-            raise ValueError(f"update_interval must be an integer number of batches ≥ 1, got {update_interval!r}")
+            raise ConfigError(f"update_interval must be an integer number of batches ≥ 1, got {update_interval!r}")
         if loss_source not in ("eval", "train_ema"):
-            raise ValueError(f"loss_source must be 'eval' or 'train_ema', got {loss_source!r}")
+            raise ConfigError(f"loss_source must be 'eval' or 'train_ema', got {loss_source!r}")
         if on_nan not in ("error", "skip"):
-            raise ValueError(f"on_nan must be 'error' or 'skip', got {on_nan!r}")
+            raise ConfigError(f"on_nan must be 'error' or 'skip', got {on_nan!r}")
         if not 0.0 < ema <= 1.0:
-            raise ValueError(f"ema must lie in (0, 1], got {ema}")
+            raise ConfigError(f"ema must lie in (0, 1], got {ema}")
         if isinstance(reference_losses, str) and reference_losses != "source":
-            raise ValueError(f"reference_losses must be a mapping domain → loss or 'source', got {reference_losses!r}")
+            raise ConfigError(f"reference_losses must be a mapping domain → loss or 'source', got {reference_losses!r}")
         if reference_losses is not None and not isinstance(reference_losses, str | Mapping):
-            raise ValueError(f"reference_losses must be a mapping domain → loss or 'source', got {reference_losses!r}")
+            raise ConfigError(f"reference_losses must be a mapping domain → loss or 'source', got {reference_losses!r}")
         self._policy_options: dict[str, Any] = dict(
             dynamic_reference_loss=dynamic_reference_loss, dynamic_reference_ratio=dynamic_reference_ratio, rho=rho,
             delta=delta, ratio_bound=ratio_bound, reference_loss_start=reference_loss_start,
@@ -85,7 +94,7 @@ class DataScheduler(Callback):
         # Surface every policy-level config error now rather than after the model has loaded.
         probe = make_policy(policy, [1.0], **self._policy_options)
         if probe.needs_reference_losses and reference_losses is None:
-            raise ValueError(f"policy '{policy}' needs reference_losses: a mapping domain → loss, or 'source'")
+            raise ConfigError(f"policy '{policy}' needs reference_losses: a mapping domain → loss, or 'source'")
         self.policy_name = policy
         self.update_interval = update_interval
         self.loss_source = loss_source
@@ -103,6 +112,7 @@ class DataScheduler(Callback):
         self.last_update_batch = 0
         self.num_updates = 0
         self._pending_state: dict[str, Any] | None = None
+        self._started = False
 
     # ----------------------------------------------------------------------------------------- setup
     def _setup(self, state: State) -> None:
@@ -117,7 +127,7 @@ class DataScheduler(Callback):
         if not hasattr(model, "domain_stats"):
             raise TypeError("DataScheduler needs a model with per-domain statistics (drpruning_causal_lm)")
         if state.max_duration is None or state.max_duration.unit != TimeUnit.BATCH:
-            raise ValueError(f"DataScheduler needs max_duration in batches ('ba'), got {state.max_duration}")
+            raise ConfigError(f"DataScheduler needs max_duration in batches ('ba'), got {state.max_duration}")
         self.domains = [str(domain) for domain in dataset.domains]
         self.max_batches = int(state.max_duration.value)
         initial = self._resolve_initial_proportions(dataset)
@@ -133,29 +143,49 @@ class DataScheduler(Callback):
         batch = int(state.timestamp.batch)
         if batch == 0 and not np.allclose(dataset.proportions_at(0), initial, rtol=0, atol=1e-12):
             dataset.set_proportions(initial, at_batch=0)
-        # A resumed run rewrites the updates made after its checkpoint, so drop them from the file.
+
+    def _start(self, state: State) -> None:
+        """When the run really starts (never at a refused start): a resumed run rewrites the updates made
+        after its checkpoint, so they are dropped from `schedule.jsonl`; a fresh run finds no earlier file."""
+        self._setup(state)
+        if self._started:
+            return
+        self._started = True
+        start_run_in_folder(state)
+        batch = int(state.timestamp.batch)
         keep_jsonl_lines(run_folder(state) / SCHEDULE_FILE, lambda record: record["step"] <= batch)
 
     def _resolve_initial_proportions(self, dataset: Any) -> np.ndarray:
         config = self.initial_proportions_config
         if config is None:
             return validate_proportions(dataset.initial_proportions, len(self.domains), "the mixer's initial_proportions")
-        if isinstance(config, Mapping):
-            return validate_proportions(self._by_domain(config, "initial_proportions"), name="initial_proportions")
-        return validate_proportions(list(config), len(self.domains), "initial_proportions")
+        try:
+            if isinstance(config, Mapping):
+                return validate_proportions(self._by_domain(config, "initial_proportions"), name="initial_proportions")
+            return validate_proportions(list(config), len(self.domains), "initial_proportions")
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
 
     def _by_domain(self, values: Mapping[str, float], key: str) -> np.ndarray:
         unknown = sorted(set(values) - set(self.domains))
         missing = [domain for domain in self.domains if domain not in values]
         if unknown:
-            raise ValueError(f"{key} names unknown domain(s) {unknown}; the mixer's domains are {self.domains}")
+            raise ConfigError(f"{key} names unknown domain(s) {unknown}; the mixer's domains are {self.domains}")
         if missing:
-            raise ValueError(f"{key} is missing domain(s) {missing}")
+            raise ConfigError(f"{key} is missing domain(s) {missing}")
         return np.array([float(values[domain]) for domain in self.domains])
 
     # ---------------------------------------------------------------------------------------- events
-    def fit_start(self, state: State, logger: Logger) -> None:
+    def after_load(self, state: State, logger: Logger) -> None:
+        """Validate against the mixer and the model as soon as they exist, before anything is written."""
         self._setup(state)
+        check_run_folder(state)
+
+    def eval_standalone_start(self, state: State, logger: Logger) -> None:
+        self._start(state)
+
+    def fit_start(self, state: State, logger: Logger) -> None:
+        self._start(state)
 
     def batch_end(self, state: State, logger: Logger) -> None:
         """Every batch, on every rank: all-reduce the per-domain statistics (tokens for T, and the EMA)."""
@@ -369,7 +399,7 @@ class DataScheduler(Callback):
         if state.get("version") != _STATE_VERSION:
             raise ValueError(f"unsupported DataScheduler state version {state.get('version')}")
         if list(state["domains"]) != self.domains:
-            raise ValueError(f"checkpoint domains {state['domains']} differ from the mixer's {self.domains}")
+            raise ConfigError(f"checkpoint domains {state['domains']} differ from the mixer's {self.domains}")
         self.policy.load_state_dict(state["policy"])
         self.loss_ema = [None if value is None else float(value) for value in state["loss_ema"]]
         self.tokens = np.asarray(state["tokens"], dtype=np.float64)

@@ -10,12 +10,14 @@ import dataclasses
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from drpruning.errors import ConfigError
+
 PRUNING_MODULES = ("layer", "head", "intermediate", "hidden")
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
 TARGET_KEYS = ("n_layers", "hidden_size", "n_heads", "n_kv_heads", "intermediate_size")
 
 
-class ShapeError(ValueError):
+class ShapeError(ConfigError):
     """A target shape or pruning configuration that cannot be honoured."""
 
 

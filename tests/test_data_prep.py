@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 from pathlib import Path
 
 import numpy as np
@@ -75,26 +76,30 @@ def test_manifest_matches_shards(assets, tmp_path):
             assert rows.dtype == np.uint16 and rows.shape == (domain[split]["sequences"], SEQ_LEN)
             assert domain[split]["tokens"] == rows.size
         assert domain["eval"]["sequences"] == EVAL_SEQUENCES
-        assert domain["train"]["documents"] + domain["eval"]["documents"] == 60
+        assert domain["documents"] == 60
+        assert domain["train"]["documents"] + domain["eval"]["documents"] <= 60  # a tail document may start nowhere
+        assert domain["dropped_tokens"] < SEQ_LEN
 
 
-def test_packing_joins_documents_with_eos_and_keeps_splits_document_disjoint(assets, tmp_path):
+def test_packing_joins_documents_with_eos_and_eval_takes_the_first_sequences(assets, tmp_path):
     manifest = _prepare(assets, tmp_path / "out")
     tokenizer = make_tiny_tokenizer(tmp_path / "tok")
     documents = [
         tokenizer(doc, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         for doc in tiny_documents("code", 60)
     ]
-    code = manifest["domains"][1]
-    eval_docs = code["eval"]["documents"]
-    eval_stream = np.concatenate(documents[:eval_docs])
-    train_stream = np.concatenate(documents[eval_docs:])
+    stream = np.concatenate(documents)
     eval_rows, train_rows = _rows(tmp_path / "out/code/eval"), _rows(tmp_path / "out/code/train")
-    np.testing.assert_array_equal(eval_rows.reshape(-1), eval_stream[: eval_rows.size])
-    # the eval split ends inside document `eval_docs - 1`; training restarts at the next document
-    assert len(np.concatenate(documents[: eval_docs - 1])) < eval_rows.size <= len(eval_stream)
-    np.testing.assert_array_equal(train_rows.reshape(-1), train_stream[: train_rows.size])
-    assert len(train_stream) - train_rows.size < SEQ_LEN  # only the unfinished tail is dropped
+    # eval = the first EVAL_SEQUENCES sequences of the domain's stream, train = every following full one
+    np.testing.assert_array_equal(eval_rows.reshape(-1), stream[: eval_rows.size])
+    np.testing.assert_array_equal(train_rows.reshape(-1), stream[eval_rows.size: eval_rows.size + train_rows.size])
+    code = manifest["domains"][1]
+    assert code["dropped_tokens"] == len(stream) - eval_rows.size - train_rows.size < SEQ_LEN
+    # documents are counted in the split they start in
+    starts = np.cumsum([0] + [len(d) for d in documents[:-1]])
+    assert code["eval"]["documents"] == int((starts < eval_rows.size).sum())
+    placed = eval_rows.size + train_rows.size
+    assert code["train"]["documents"] == int(((starts >= eval_rows.size) & (starts < placed)).sum())
 
 
 def test_token_dtype_switches_to_uint32_above_uint16_range():
@@ -209,3 +214,147 @@ def test_non_empty_output_needs_overwrite_and_failures_keep_the_old_data(assets,
     assert load_manifest(out) == manifest and manifest["seq_len"] == 16
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.txt", "out"]
 
+
+
+# ---- issue 11: nothing a user has is lost; wrong input is refused ------------------------------------------
+
+
+def _long_text(documents: int, seed: int = 0) -> str:
+    return "\n\n".join(tiny_documents("prose", documents, seed=seed))
+
+
+def test_overwrite_replaces_only_what_prepare_data_wrote(assets, tmp_path):
+    out = tmp_path / "out"
+    _prepare(assets, out)
+    (out / "NOTES.md").write_text("my notes")
+    (out / "sub").mkdir()
+    (out / "sub" / "other_model.safetensors").write_bytes(b"weights")
+    (out / "prose" / "README.txt").write_text("about prose")
+    manifest = _prepare(assets, out, overwrite=True, seq_len=16)
+    assert load_manifest(out) == manifest and manifest["seq_len"] == 16
+    assert (out / "NOTES.md").read_text() == "my notes"
+    assert (out / "sub" / "other_model.safetensors").read_bytes() == b"weights"
+    assert (out / "prose" / "README.txt").read_text() == "about prose"
+    assert _rows(out / "prose" / "train").shape[1] == 16
+    # a domain dropped from the new output loses exactly its splits
+    prepare_data({"code": str(assets["code"])}, assets["tokenizer"], out, SEQ_LEN, EVAL_SEQUENCES, overwrite=True,
+                 show_progress=False)  # fmt: skip
+    assert sorted(p.name for p in out.iterdir()) == ["NOTES.md", "code", "manifest.json", "prose", "sub"]
+    assert sorted(p.name for p in (out / "prose").iterdir()) == ["README.txt"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_overwrite_refuses_a_folder_that_is_not_an_earlier_output(assets, tmp_path):
+    out = tmp_path / "out"
+    (out / "sub").mkdir(parents=True)
+    (out / "NOTES.md").write_text("my notes")
+    (out / "sub" / "other_model.safetensors").write_bytes(b"weights")
+    before = _tree_bytes(out)
+    with pytest.raises(DataPrepError, match="not a prepare_data output"):
+        _prepare(assets, out, overwrite=True)
+    assert _tree_bytes(out) == before
+    # an earlier output, but a new domain's folder holds something prepare_data did not write
+    _prepare(assets, tmp_path / "prev")
+    (tmp_path / "prev" / "facts").mkdir()
+    (tmp_path / "prev" / "facts" / "mine.txt").write_text("keep me")
+    with pytest.raises(DataPrepError, match="facts exists but was not written by prepare_data"):
+        prepare_data({"facts": str(assets["prose"])}, assets["tokenizer"], tmp_path / "prev", SEQ_LEN,
+                     EVAL_SEQUENCES, overwrite=True, show_progress=False)  # fmt: skip
+    assert (tmp_path / "prev" / "facts" / "mine.txt").read_text() == "keep me"
+
+
+def test_an_output_folder_holding_inputs_is_refused(assets, tmp_path):
+    out = tmp_path / "out"
+    _prepare(assets, out)
+    raw = out / "raw"
+    raw.mkdir()
+    (raw / "a.txt").write_text(_long_text(40))
+    before = _tree_bytes(out)
+    with pytest.raises(DataPrepError, match="contains input file .*a.txt"):
+        prepare_data({"prose": str(raw)}, assets["tokenizer"], out, SEQ_LEN, EVAL_SEQUENCES, overwrite=True,
+                     show_progress=False)  # fmt: skip
+    assert _tree_bytes(out) == before
+    with pytest.raises(DataPrepError, match="lies inside input folder"):
+        prepare_data({"prose": str(raw)}, assets["tokenizer"], raw / "mds", SEQ_LEN, EVAL_SEQUENCES,
+                     show_progress=False)  # fmt: skip
+    assert _tree_bytes(out) == before
+
+
+def test_eval_split_takes_sequences_so_only_partial_sequences_are_dropped(assets, tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text(_long_text(60, seed=1))  # two long documents: the old split lost ~50 %
+    (corpus / "b.txt").write_text(_long_text(60, seed=2))
+    manifest = prepare_data({"two": str(corpus), "one": str(corpus / "a.txt")}, assets["tokenizer"],
+                            tmp_path / "out", SEQ_LEN, EVAL_SEQUENCES, show_progress=False)  # fmt: skip
+    tokenizer = make_tiny_tokenizer(tmp_path / "tok")
+    lengths = [len(tokenizer((corpus / f).read_text(), add_special_tokens=False)["input_ids"]) + 1
+               for f in ("a.txt", "b.txt")]  # fmt: skip
+    two, one = manifest["domains"]
+    assert two["documents"] == 2 and one["documents"] == 1
+    assert two["eval"]["documents"] == 1 and two["train"]["documents"] == 1
+    for domain, total in ((two, sum(lengths)), (one, lengths[0])):
+        assert domain["eval"]["sequences"] == EVAL_SEQUENCES
+        assert domain["train"]["tokens"] + domain["eval"]["tokens"] + domain["dropped_tokens"] == total
+        assert domain["dropped_tokens"] == total % SEQ_LEN
+    rows = np.concatenate([_rows(tmp_path / "out/one/eval"), _rows(tmp_path / "out/one/train")]).reshape(-1)
+    expected = tokenizer((corpus / "a.txt").read_text(), add_special_tokens=False)["input_ids"]
+    np.testing.assert_array_equal(rows, expected[: rows.size])
+
+
+def test_cli_prints_train_eval_and_dropped_tokens_per_domain(assets, tmp_path, capsys):
+    code = main([
+        "--tokenizer", str(assets["tokenizer"]), "--seq-len", str(SEQ_LEN), "--eval-sequences", "2",
+        "--out", str(tmp_path / "out"), "--domain", f"prose={assets['prose']}", "--domain", f"code={assets['code']}",
+        "--no-progress",
+    ])
+    assert code == 0
+    manifest = load_manifest(tmp_path / "out")
+    printed = capsys.readouterr().out
+    for domain in manifest["domains"]:
+        assert (f"{domain['name']}: {domain['train']['tokens']:,} train / {domain['eval']['tokens']:,} eval / "
+                f"{domain['dropped_tokens']:,} dropped tokens") in printed  # fmt: skip
+
+
+def test_json_lines_are_read_by_content_and_binary_files_refused(assets, tmp_path):
+    texts = tiny_documents("math", 80)
+    lines = "".join(json.dumps({"text": t, "url": "https://x"}) + "\n" for t in texts)
+    for name in ("data.json", "data.txt", "data.jsonl"):
+        (tmp_path / name).write_text(lines)
+    manifest = prepare_data({f"d{i}": str(tmp_path / n) for i, n in enumerate(("data.json", "data.txt", "data.jsonl"))},
+                            assets["tokenizer"], tmp_path / "out", SEQ_LEN, EVAL_SEQUENCES, show_progress=False)
+    streams = [np.concatenate([_rows(tmp_path / f"out/d{i}/eval"), _rows(tmp_path / f"out/d{i}/train")]).reshape(-1)
+               for i in range(3)]  # fmt: skip
+    np.testing.assert_array_equal(streams[0], streams[2])  # the markup is not read as text
+    np.testing.assert_array_equal(streams[1], streams[2])
+    assert all(d["documents"] == 80 for d in manifest["domains"])
+    (tmp_path / "pretty.json").write_text(json.dumps([{"text": t} for t in texts], indent=1))
+    with pytest.raises(DataPrepError, match=r"pretty.json:1: invalid JSON .*must hold JSON lines"):
+        prepare_data({"d": str(tmp_path / "pretty.json")}, assets["tokenizer"], tmp_path / "o2", SEQ_LEN,
+                     EVAL_SEQUENCES, show_progress=False)  # fmt: skip
+    with gzip.open(tmp_path / "data.txt.gz", "wt") as f:
+        f.write(_long_text(50))
+    (tmp_path / "weights.bin").write_bytes(b"\x00\x01\x02" * 100)
+    for name, kind in (("data.txt.gz", "a gzip file"), ("weights.bin", "a binary file")):
+        with pytest.raises(DataPrepError, match=f"{name}: {kind}.*accepted: plain text"):
+            prepare_data({"d": str(tmp_path / name)}, assets["tokenizer"], tmp_path / "o3", SEQ_LEN,
+                         EVAL_SEQUENCES, show_progress=False)  # fmt: skip
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "part.json").write_text(lines)
+    with pytest.raises(DataPrepError, match=r"holds no .txt/.jsonl/.jsonl.gz files .*part.json.*glob"):
+        resolve_domain_files("d", [str(tmp_path / "folder")])
+
+
+def test_lone_surrogates_are_replaced_and_counted(assets, tmp_path, capsys):
+    texts = tiny_documents("prose", 60)
+    raw = [json.dumps({"text": t}) for t in texts]
+    raw[3] = '{"text": "broken \\ud800 half and \\udfff another"}'
+    (tmp_path / "web.jsonl").write_text("\n".join(raw) + "\n")
+    code = main([
+        "--tokenizer", str(assets["tokenizer"]), "--seq-len", str(SEQ_LEN), "--eval-sequences", "2",
+        "--out", str(tmp_path / "out"), "--domain", f"web={tmp_path / 'web.jsonl'}", "--no-progress",
+    ])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert load_manifest(tmp_path / "out")["domains"][0]["replaced_surrogates"] == 2
+    assert "replaced 2 lone surrogate(s) with U+FFFD" in captured.out

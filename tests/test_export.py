@@ -278,12 +278,11 @@ def test_meta_json_fallback_embedded_tokenizer_and_overwrite(pruning_run, tmp_pa
     (other_run / "masks" / "meta.json").write_text(json.dumps(description))
     torch.save(checkpoint, other_run / "ep0-ba1-rank0.pt")
     out = tmp_path / "dense"
-    out.mkdir()
-    (out / "old.txt").write_text("a previous export")
+    export_run(run, out, verify=False)
+    assert json.loads((out / "pruning.json").read_text())["tokenizer"] != "checkpoint"
     with pytest.raises(ExportError, match="not empty"):
         export_run(other_run, out)
-    export_run(other_run, out, overwrite=True)
-    assert not (out / "old.txt").exists()
+    export_run(other_run, out, overwrite=True)  # a previous export is replaced as a whole
     assert json.loads((out / "pruning.json").read_text())["tokenizer"] == "checkpoint"
     ids = token_ids(vocab=composer_model.model.config.vocab_size)
     dense = AutoModelForCausalLM.from_pretrained(out)
@@ -296,10 +295,10 @@ def test_sharded_checkpoint_directory(pruning_run, tmp_path):
 
     run, composer_model = pruning_run
     state = _checkpoint_state(run)["state"]
-    sharded = tmp_path / "ep0-ba1"
+    sharded = tmp_path / "run" / "ep0-ba1"
     dcp.save({"state": {k: state[k] for k in ("model", "callbacks", "timestamp", "integrations")}},
              checkpoint_id=str(sharded))  # fmt: skip
-    out = export_run(tmp_path, tmp_path / "dense")
+    out = export_run(tmp_path / "run", tmp_path / "dense")
     ids = token_ids(vocab=composer_model.model.config.vocab_size)
     with torch.no_grad():
         diff = (AutoModelForCausalLM.from_pretrained(out)(ids).logits - composer_logits(composer_model, ids)).abs()
@@ -346,3 +345,31 @@ def test_failed_verification_leaves_nothing(pruning_run, tmp_path, monkeypatch):
     with pytest.raises(ExportError, match="verification failed"):
         export_run(run, tmp_path / "dense")
     assert list(tmp_path.iterdir()) == []
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_overwrite_never_touches_the_run_or_files_an_export_did_not_write(pruning_run, tmp_path, capsys):
+    run, _ = pruning_run
+    before = _tree(run.parent)
+    for source, out, message in ((run, run, "is the input"), (run, run.parent, "contains the input"),
+                                 (run, run / "dense", "lies inside the input"),
+                                 (run / "latest-rank0.pt", run, "contains the input")):  # fmt: skip
+        assert main([str(source), str(out), "--overwrite", "--no-verify"]) == 1
+        assert message in capsys.readouterr().err
+    assert _tree(run.parent) == before, "the run folder and its siblings are unchanged"
+
+    out = tmp_path / "models"
+    (out / "sub").mkdir(parents=True)
+    (out / "NOTES.md").write_text("notes")
+    (out / "sub" / "other_model.safetensors").write_bytes(b"weights")
+    with pytest.raises(ExportError, match="not a previous export"):
+        export_run(run, out, overwrite=True, verify=False)
+    (out / "pruning.json").write_text("{}")  # looks like an export, but holds other files too
+    with pytest.raises(ExportError, match=r"holds files an export does not write \(NOTES.md, sub/\)"):
+        export_run(run, out, overwrite=True, verify=False)
+    assert (out / "NOTES.md").read_text() == "notes"
+    assert (out / "sub" / "other_model.safetensors").read_bytes() == b"weights"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["models"], "no staging folder is left"

@@ -12,6 +12,7 @@ from composer.models import ComposerClassifier
 from torch.utils.data import DataLoader, TensorDataset
 
 import drpruning.metrics_logger
+from drpruning.errors import ConfigError
 from drpruning.metrics_logger import JSONLMetricsLogger
 
 MAX_BATCHES = 6
@@ -82,7 +83,10 @@ def test_values_are_converted_to_floats_and_non_numbers_dropped(tmp_path):
         "none": None,
     }, step=7)
     trainer.logger.log_metrics({"text": "only non-numbers"}, step=8)
-    assert read_records(tmp_path / "tiny" / "metrics.jsonl") == [{"step": 7, "tensor": 2.5, "numpy": 0.25, "int": 3.0}]
+    assert not (tmp_path / "tiny" / "metrics.jsonl").exists(), "held back until the run starts"
+    trainer.fit()
+    records = read_records(tmp_path / "tiny" / "metrics.jsonl")
+    assert [r for r in records if r["step"] in (7, 8)] == [{"step": 7, "tensor": 2.5, "numpy": 0.25, "int": 3.0}]
 
 
 def test_only_global_rank_zero_writes(tmp_path, monkeypatch):
@@ -101,21 +105,38 @@ def test_a_resumed_run_leaves_the_same_file_as_an_uninterrupted_one(tmp_path, un
     assert resumed == read_records(uninterrupted)
 
 
-def test_a_checkpoint_without_logger_state_is_cut_back_by_step(tmp_path):
-    """The trainer cuts the file when it loads the checkpoint, before any new line is logged."""
+def test_a_checkpoint_without_logger_state_is_cut_back_by_step(tmp_path, uninterrupted):
+    """The file is cut when the resumed run starts (not when the trainer is built), then appended to."""
     make_trainer(tmp_path, JSONLMetricsLogger()).fit()
     checkpoint_path = tmp_path / "ep0-ba4-rank0.pt"
     checkpoint = torch.load(checkpoint_path, weights_only=False)
     del checkpoint["state"]["callbacks"]["JSONLMetricsLogger"]
     torch.save(checkpoint, checkpoint_path)
-    before = read_records(tmp_path / "metrics.jsonl")
-    make_trainer(tmp_path, JSONLMetricsLogger(), load_path=str(checkpoint_path), save_overwrite=True)
+    before = (tmp_path / "metrics.jsonl").read_bytes()
+    trainer = make_trainer(tmp_path, JSONLMetricsLogger(), load_path=str(checkpoint_path), save_overwrite=True)
+    assert (tmp_path / "metrics.jsonl").read_bytes() == before, "a run that has not started changes nothing"
+    trainer.fit()
+    kept = [record for record in read_records(uninterrupted) if record["step"] <= 4]
     after = read_records(tmp_path / "metrics.jsonl")
-    assert after == [record for record in before if record["step"] <= 4]
+    assert after[: len(kept)] == kept and all(record["step"] >= 4 for record in after[len(kept):])
 
 
-def test_a_fresh_run_replaces_a_stale_file(tmp_path):
+def test_a_fresh_run_moves_an_earlier_runs_file_aside(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 99, "old": 1.0}\n', encoding="utf-8")
     make_trainer(tmp_path, JSONLMetricsLogger(), max_duration="1ba").fit()
     records = read_records(tmp_path / "metrics.jsonl")
     assert records and all("old" not in record for record in records)
+    (kept,) = tmp_path.glob(".replaced-*/metrics.jsonl")
+    assert read_records(kept) == [{"step": 99, "old": 1.0}]
+
+
+def test_a_fresh_run_in_a_folder_with_an_earlier_runs_checkpoints_is_refused_without_changes(tmp_path):
+    make_trainer(tmp_path, JSONLMetricsLogger(), max_duration="2ba").fit()
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    with pytest.raises(ConfigError, match="holds an earlier run .*autoresume=true.*save_overwrite=true"):
+        make_trainer(tmp_path, JSONLMetricsLogger(), max_duration="2ba")  # refused before Composer's own check
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
+    make_trainer(tmp_path, JSONLMetricsLogger(), max_duration="2ba", save_overwrite=True).fit()
+    (replaced,) = tmp_path.glob(".replaced-*")
+    assert {p.name: p.read_bytes() for p in replaced.iterdir() if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == sorted(before)

@@ -1,0 +1,45 @@
+"""User-facing errors: one exception class for "the configuration or input is wrong", and how scripts report it.
+
+Validation code raises `ConfigError` (a `ValueError`, so existing `except ValueError` callers keep
+working) for mistakes a user can fix from the message alone: a bad target, policy, proportions, reference
+losses, data folder, update interval, optimizer groups, run folder. The script entry points catch it and
+print `error: <message>` once instead of a traceback; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+CONFIG_ERROR_EXIT_CODE = 2
+# How long a non-zero rank waits before exiting on a config error: every rank hits the same error, and the
+# `composer` launcher prints the whole log of any rank that exits non-zero by itself (hundreds of lines),
+# but not of ranks it terminates after rank 0 has failed.
+_OTHER_RANKS_GRACE_S = 20.0
+
+
+class ConfigError(ValueError):
+    """A configuration or input mistake the message fully explains; scripts report it in one line."""
+
+
+class DataDirError(ConfigError, FileNotFoundError):
+    """A data folder that is missing or incomplete (also a `FileNotFoundError`, which older callers expect)."""
+
+
+def _global_rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def report_config_error(error: ConfigError, prog: str | None = None) -> int:
+    """Print `[prog: ]error: <message>` once and return the exit code for config errors (2).
+
+    Every rank of a distributed run meets the same error. Rank 0 prints it; the others first wait, so
+    that the launcher, which stops the remaining ranks once rank 0 has exited, ends them quietly instead
+    of echoing their whole log. A rank that outlives the wait (rank 0 did not fail) prints it too.
+    """
+    if _global_rank() != 0 and "LOCAL_WORLD_SIZE" in os.environ:
+        time.sleep(_OTHER_RANKS_GRACE_S)
+    prefix = f"{prog}: " if prog else ""
+    print(f"{prefix}error: {error}", file=sys.stderr, flush=True)
+    return CONFIG_ERROR_EXIT_CODE
