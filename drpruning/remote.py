@@ -84,19 +84,20 @@ def fetch_manifest(remote: str, data_dir: str | Path, timeout: float = DEFAULT_D
     cache = Path(data_dir)
     manifest, marker = cache / MANIFEST_NAME, cache / REMOTE_MARKER
     with _locked(cache / f".{MANIFEST_NAME}.lock"):
-        if marker.is_file():
-            bound = marker.read_text(encoding="utf-8")
+        if manifest.exists():
+            bound = marker.read_text(encoding="utf-8") if marker.is_file() else None
+            if bound is None:
+                raise RemoteDataError(
+                    f"{cache} already holds a {MANIFEST_NAME} not fetched from a remote: give an empty or new "
+                    f"data_dir as the cache of {remote!r}"
+                )
             if bound != remote:
                 raise RemoteDataError(
                     f"cache folder {cache} holds data from remote {bound!r}, not {remote!r}: give another data_dir"
                 )
-        elif manifest.exists():
-            raise RemoteDataError(
-                f"{cache} already holds a {MANIFEST_NAME} not fetched from a remote: give an empty or new data_dir "
-                f"as the cache of {remote!r}"
-            )
-        if not manifest.is_file():
-            marker.write_text(remote, encoding="utf-8")  # first: an interrupted fetch is retried, not refused
+        else:
+            # The marker goes first, so an interrupted fetch is retried rather than refused as foreign.
+            marker.write_text(remote, encoding="utf-8")
             _download(join_remote(remote, MANIFEST_NAME), manifest, timeout)
     return manifest
 

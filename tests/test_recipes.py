@@ -152,7 +152,7 @@ def test_hybrid_sharding_variant(path: Path, tmp_path: Path, monkeypatch: pytest
     monkeypatch.setattr(composer_state, "init_device_mesh", lambda device_type, mesh_shape, mesh_dim_names:
                         meshes.append((mesh_shape, mesh_dim_names)))
     composer_state._create_device_mesh(DeviceCPU(), fsdp, None)
-    assert meshes == [((nodes, gpus_per_node), ("dp_replicate", "dp_shard"))]
+    assert meshes == [((nodes, gpus_per_node), ("data_parallel_replicate", "data_parallel_shard"))]
 
 
 @pytest.mark.parametrize("name", sorted(PRUNING))

@@ -137,6 +137,7 @@ def test_a_damaged_shard_of_an_index_with_hashes_fails_its_check(tmp_path):
 def test_remote_setup_errors(remote, tmp_path):
     with pytest.raises(RemoteDataError, match=f"cannot download {tmp_path / 'nowhere' / 'manifest.json'}"):
         DomainMixtureDataset(tmp_path / "cache", GLOBAL_BATCH, remote=str(tmp_path / "nowhere"))
+    assert len(DomainMixtureDataset(tmp_path / "cache", GLOBAL_BATCH, remote=str(remote)).domains) == 3  # fixed
     fetch_manifest(str(remote), tmp_path / "cache2")
     with pytest.raises(RemoteDataError, match="holds data from remote .* not"):
         fetch_manifest(str(tmp_path / "elsewhere"), tmp_path / "cache2")
