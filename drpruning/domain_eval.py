@@ -4,7 +4,9 @@
 
 becomes `eval_loaders: [{label: a, name: text, dataset: {local: DIR/a, split: eval, ...}}, ...]`, so the
 evaluators are labelled `eval/<domain>` and `state.eval_metrics['eval/<domain>']` holds each domain's loss.
-Using foundry's own loader keeps eval batches and metrics exactly as foundry computes them.
+Using foundry's own loader keeps eval batches and metrics exactly as foundry computes them. With
+`remote: URL` (any remote streaming reads), each loader gets `remote: URL/a` and DIR is the local cache
+that streaming downloads the eval shards into (the manifest is fetched first, see drpruning/remote.py).
 
 Foundry runs every registered transform on every train config (after moving a list-valued `eval_loader` to
 `eval_loaders`), so configs without a `domain_eval` block are returned unchanged. `eval_from_yaml` applies
@@ -23,11 +25,12 @@ from transformers import PreTrainedTokenizerBase
 from drpruning.data_checks import check_seq_len, check_tokenizer, tokenizer_from_config
 from drpruning.data_prep import load_manifest, select_domains
 from drpruning.errors import ConfigError, DataDirError
+from drpruning.remote import fetch_manifest, join_remote
 
 BLOCK_NAME = "domain_eval"
 _BLOCK_KEYS = {
     "name", "data_dir", "domains", "split", "max_seq_len", "num_workers", "prefetch_factor",
-    "persistent_workers", "pin_memory",
+    "persistent_workers", "pin_memory", "remote",
 }
 
 
@@ -41,11 +44,15 @@ def domain_eval_loaders(
     persistent_workers: bool = False,
     pin_memory: bool = False,
     tokenizer: PreTrainedTokenizerBase | None = None,
+    remote: str | None = None,
 ) -> list[dict[str, Any]]:
     """Stock `text` loader configs, one per domain (default: all, in manifest order), labelled by domain.
 
     `tokenizer` (the run's) is checked against the one the data was prepared with, when given.
+    With `remote`, `data_dir` is the local cache of the prepared folder at `remote`.
     """
+    if remote is not None:
+        fetch_manifest(remote, data_dir)
     manifest = load_manifest(data_dir)
     try:
         selected = select_domains(manifest, domains, data_dir)
@@ -57,7 +64,7 @@ def domain_eval_loaders(
     loaders = []
     for domain in selected:
         split_dir = Path(data_dir) / domain / split
-        if not (split_dir / "index.json").is_file():
+        if remote is None and not (split_dir / "index.json").is_file():
             raise DataDirError(f"domain_eval: no MDS split at {split_dir}")
         multiprocess = num_workers > 0
         loaders.append({
@@ -65,6 +72,7 @@ def domain_eval_loaders(
             "name": "text",
             "dataset": {
                 "local": str(Path(data_dir) / domain),
+                **({} if remote is None else {"remote": join_remote(remote, domain)}),
                 "split": split,
                 "shuffle": False,
                 "max_seq_len": max_seq_len,

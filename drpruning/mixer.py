@@ -34,6 +34,7 @@ from drpruning.data_checks import check_seq_len, check_tokenizer
 from drpruning.data_prep import load_manifest, select_domains
 from drpruning.dro import validate_proportions as check_distribution
 from drpruning.errors import ConfigError
+from drpruning.remote import CachedSplit, fetch_manifest, join_remote
 
 STATE_FORMAT_VERSION = 1
 BATCHES_PER_EPOCH = 1 << 40
@@ -236,6 +237,7 @@ class DomainMixtureDataset(Dataset):
     """Map-style dataset over per-domain MDS train splits, indexed by (domain, index) pairs.
 
     Holds the proportion schedule (the API the data scheduler drives) and Composer's dataset-state protocol.
+    With `remote`, the prepared folder lives there and `data_dir` is its local cache (drpruning/remote.py).
     """
 
     def __init__(
@@ -248,7 +250,10 @@ class DomainMixtureDataset(Dataset):
         max_seq_len: int | None = None,
         lag: int = 0,
         split: str = "train",
+        remote: str | None = None,
     ) -> None:
+        if remote is not None:
+            fetch_manifest(remote, data_dir)
         manifest = load_manifest(data_dir)
         selected = select_domains(manifest, domains, data_dir)
         seq_len = int(manifest["seq_len"])
@@ -268,7 +273,12 @@ class DomainMixtureDataset(Dataset):
         self.manifest = manifest
         self.lag = lag
         self.seed = seed
-        self.readers = [LocalDataset(local=str(self.data_dir / d / split)) for d in selected]
+        self.remote = remote
+        self.readers = [
+            LocalDataset(local=str(self.data_dir / d / split)) if remote is None
+            else CachedSplit(join_remote(remote, d), self.data_dir / d, split)
+            for d in selected
+        ]
         self.plan = MixturePlan([len(r) for r in self.readers], global_batch_size, seed, self.initial_proportions)
 
     @property
@@ -378,10 +388,12 @@ def build_domain_mixture_dataloader(
     persistent_workers: bool = True,
     pin_memory: bool | None = None,
     timeout: float = 0,
+    remote: str | None = None,
 ) -> DataSpec:
     """LLM-Foundry dataloader builder (`train_loader: {name: domain_mixture, ...}`).
 
-    The global batch is `device_batch_size * world_size`; `lag` is `num_workers * prefetch_factor`, the
+    `data_dir` is a `prepare_data` folder, or with `remote` (any remote streaming reads: s3://, gs://, a
+    shared path, ...) the local cache that its shards are downloaded into on first use. The global batch is `device_batch_size * world_size`; `lag` is `num_workers * prefetch_factor`, the
     number of batches the DataLoader requests ahead. `pin_memory` defaults to "when CUDA is available".
     """
     if device_batch_size != int(device_batch_size) or device_batch_size < 1:
@@ -397,6 +409,7 @@ def build_domain_mixture_dataloader(
         seed=seed,
         max_seq_len=max_seq_len,
         lag=num_workers * prefetch_factor,
+        remote=remote,
     )
     if tokenizer is not None:
         check_tokenizer(dataset.manifest, data_dir, tokenizer, "domain_mixture")

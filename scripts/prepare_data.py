@@ -1,13 +1,14 @@
-"""Tokenize and pack per-domain text into MDS train/eval splits (see drpruning/data_prep.py).
+"""Tokenize and pack per-domain text into MDS train/eval splits (see drpruning/data_prep.py); with
+`--remote URL`, upload the result there too (see drpruning/remote.py).
 
 Example:
     python scripts/prepare_data.py --tokenizer TOKENIZER_DIR --seq-len 256 --eval-sequences 64 \
-        --out data/mix --domain code='lib/**/*.py' --domain books=austen.jsonl.gz
+        --out data/mix --domain code='lib/**/*.py' --domain books=austen.jsonl.gz [--remote s3://bucket/mix]
 """
 
 import sys
 
-from drpruning.data_prep import main
+from drpruning.remote import prepare_data_main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(prepare_data_main())

@@ -16,6 +16,9 @@ from typing import Any
 
 import pytest
 import torch
+from composer.core import state as composer_state
+from composer.devices import DeviceCPU
+from composer.distributed.mosaic_parallelism import SHARDING_MAP
 from composer.utils.parallelism import FSDPConfig
 from llmfoundry.command_utils.train import validate_config
 from llmfoundry.utils.builders import build_callback, build_optimizer
@@ -27,6 +30,7 @@ from llmfoundry.utils.config_utils import (
 )
 from omegaconf import DictConfig
 from omegaconf import OmegaConf as om
+from torch.distributed.fsdp import ShardingStrategy
 
 from drpruning.masks import L0Module
 from drpruning.pruning_callback import check_optimizer_groups
@@ -65,6 +69,11 @@ CPT_OF_PRUNING = {
 }
 
 
+def hsdp_overrides(nodes: int) -> list[str]:
+    """README "Multi-node launch": hybrid sharding over `nodes` nodes, two overrides on any FSDP recipe."""
+    return ["fsdp_config.sharding_strategy=HYBRID_SHARD", f"fsdp_config.data_parallel_replicate_degree={nodes}"]
+
+
 def load_recipe(path: Path, overrides: list[str] | None = None) -> DictConfig:
     """The yaml plus command-line style overrides, as `train_from_yaml` builds it."""
     cfg = om.load(path)
@@ -101,12 +110,13 @@ def test_every_recipe_is_found() -> None:
     assert len(TINY_RECIPES) >= 2
 
 
-@pytest.mark.parametrize("path", ALL_RECIPES, ids=lambda p: str(p.relative_to(REPO)))
-def test_foundry_accepts_the_recipe(path: Path, tmp_path: Path) -> None:
+def validate_with_foundry(path: Path, tmp_path: Path, overrides: list[str] | None = None) -> Any:
+    """Foundry's own validation of a recipe (plus overrides), with `domain_eval` expanded against a stub data
+    folder, its FSDP config and init device checked and its callbacks built; returns foundry's TrainConfig."""
     raw = load_recipe(path)
     domains = recipe_domains(raw)
     data = stub_data_dir(tmp_path / "data", domains, seq_len=raw.max_seq_len)
-    cfg = load_recipe(path, [f"variables.data={data}"])
+    cfg = load_recipe(path, [f"variables.data={data}", *(overrides or [])])
 
     logged, train_config = make_dataclass_and_log_config(cfg, TrainConfig, TRAIN_CONFIG_KEYS, transforms="all")
     validate_config(train_config)
@@ -120,6 +130,29 @@ def test_foundry_accepts_the_recipe(path: Path, tmp_path: Path) -> None:
     process_init_device(copy.deepcopy(train_config.model), copy.deepcopy(train_config.fsdp_config))
     for name, kwargs in train_config.callbacks.items():
         build_callback(name, copy.deepcopy(kwargs), train_config=logged)
+    return train_config
+
+
+@pytest.mark.parametrize("path", ALL_RECIPES, ids=lambda p: str(p.relative_to(REPO)))
+def test_foundry_accepts_the_recipe(path: Path, tmp_path: Path) -> None:
+    validate_with_foundry(path, tmp_path)
+
+
+@pytest.mark.parametrize("path", PAPER_RECIPES, ids=lambda p: p.name)
+def test_hybrid_sharding_variant(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's multi-node override (HSDP: shard within a node, replicate across nodes) passes the same
+    checks, and Composer turns it into a 2-D (nodes × GPUs per node) mesh: with a 1-D mesh it would fall
+    back to FULL_SHARD across all nodes with only a warning."""
+    nodes, gpus_per_node = 2, 8
+    train_config = validate_with_foundry(path, tmp_path, hsdp_overrides(nodes))
+    fsdp = FSDPConfig(**copy.deepcopy(train_config.fsdp_config))
+    assert SHARDING_MAP[fsdp.sharding_strategy.upper()] is ShardingStrategy.HYBRID_SHARD
+    meshes = []
+    monkeypatch.setattr(composer_state.dist, "get_world_size", lambda: nodes * gpus_per_node)
+    monkeypatch.setattr(composer_state, "init_device_mesh", lambda device_type, mesh_shape, mesh_dim_names:
+                        meshes.append((mesh_shape, mesh_dim_names)))
+    composer_state._create_device_mesh(DeviceCPU(), fsdp, None)
+    assert meshes == [((nodes, gpus_per_node), ("data_parallel_replicate", "data_parallel_shard"))]
 
 
 @pytest.mark.parametrize("name", sorted(PRUNING))
