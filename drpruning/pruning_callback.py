@@ -1,6 +1,8 @@
 """The `pruning` callback: feeds the train step to the masks, keeps log alpha in range, checks that the
 optimizer trains masks and Lagrange multipliers as the method needs, logs the size of the model each
 eval scored, and dumps the target-shape masks (the architecture an export at that step would keep).
+With `l0_module.init: importance` it also orders the gates by a calibration pass at Event.INIT, before
+DDP/FSDP wrapping and before a checkpoint is loaded (so a resumed run's checkpointed gates win).
 
 Registered in LLM-Foundry as `pruning`; a pruning yaml lists it as `callbacks: {pruning: {}}`.
 """
@@ -15,6 +17,7 @@ from composer.core import Callback, State
 from composer.loggers import Logger
 from composer.utils import dist
 
+from drpruning.importance import importance_for_run
 from drpruning.masks import L0Module
 from drpruning.runs import run_folder, unwrap_model, write_json
 from drpruning.shapes import module_sizes
@@ -66,6 +69,18 @@ class PruningCallback(Callback):
         # Checked before DDP/FSDP wrapping, while optimizer params are still the model's own objects.
         if state.optimizers:
             check_optimizer_groups(model, state.optimizers[0])
+        if l0.init == "importance":
+            self._order_gates(state, model, l0)
+
+    def _order_gates(self, state: State, model: Any, l0: L0Module) -> None:
+        """Gates ordered by importance (rank 0's pass, broadcast); `masks/ba0.pt` = the one-shot selection."""
+        folder = run_folder(state)
+        importance = importance_for_run(model.model, model.calibration, folder, source=self.metadata["source"])
+        l0.order_gates_(importance.scores)
+        self.metadata["importance"] = {"calibration": importance.meta.get("calibration"), "cost": importance.cost()}
+        if self.save_masks and dist.get_global_rank() == 0:
+            (folder / "masks").mkdir(parents=True, exist_ok=True)
+            torch.save({m: t.detach().cpu() for m, t in l0.target_masks().items()}, folder / "masks" / "ba0.pt")
 
     def fit_start(self, state: State, logger: Logger) -> None:
         if self.save_masks:
