@@ -34,6 +34,9 @@ LAMBDA_1 = "loss/train/lambda_1/"
 LAMBDA_2 = "loss/train/lambda_2/"
 LM_LOSS = "loss/train/lm_loss"
 LAGRANGIAN_LOSS = "loss/train/lagrangian_loss"
+EVAL_KEPT = "metrics/eval_masks/kept/"  # mean kept units per row of the model each eval scored
+SOURCE_SIZE_KEYS = {"layer": "n_layers", "head": "n_kv_heads", "intermediate": "intermediate_size",
+                    "hidden": "hidden_size"}
 EVAL_LOSS = re.compile(r"^metrics/eval/(?:(?P<domain>.+)/)?LanguageCrossEntropy$")
 MASK_FILE = re.compile(r"^ba(\d+)\.pt$")
 
@@ -238,6 +241,11 @@ def plot_sparsity(run: RunData, path: Path) -> None:
         axis.plot(*run.metrics[EXPECTED_SPARSITY + module], color="C0", label="expected")
         if TARGET_SPARSITY + module in run.metrics:
             axis.plot(*run.metrics[TARGET_SPARSITY + module], color="black", linestyle="--", label="target")
+        size = ((run.meta or {}).get("l0", {}).get("source_shape") or {}).get(SOURCE_SIZE_KEYS.get(module, ""))
+        if EVAL_KEPT + module in run.metrics and size:
+            steps, kept = run.metrics[EVAL_KEPT + module]
+            axis.plot(steps, 1.0 - kept / size, color="C2", marker="o", linestyle="none", markersize=3,
+                      label="model scored by evals")
         _label(axis, f"{module}: expected vs target sparsity", "sparsity")
     figure.savefig(path)
 
@@ -344,7 +352,8 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
     )
     figure_section("Expected vs target sparsity", "sparsity.png", lambda path: plot_sparsity(run, path),
                    pruning_missing, "Solid: expected sparsity of the hard-concrete masks; dashed: the target "
-                   "the Lagrangian pulls it towards.")  # fmt: skip
+                   "the Lagrangian pulls it towards; dots: the sparsity of the model each eval scored "
+                   "(`eval_masks: current`: round(Σ score) units per row).")  # fmt: skip
     lambda_missing = pruning_missing or (None if run.modules(LAMBDA_1) or run.modules(LAMBDA_2)
                                          else "metrics.jsonl has no Lagrange multipliers.")  # fmt: skip
     figure_section("Lagrange multipliers λ1, λ2", "lambdas.png", lambda path: plot_lambdas(run, path),

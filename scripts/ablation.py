@@ -1,103 +1,270 @@
-"""The paper's data-scheduling ablation at small scale: prune SmolLM2-135M to the demo target on the demo
-corpus with each policy (constant, sheared, dro, drpruning) and several seeds, same token budget, then
-compare per-domain eval loss of the pruned models (the masked model in deterministic mode IS the pruned
-model), worst-domain loss, data usage per domain and runtime. Writes OUT/results.json and OUT/results.md.
+"""The paper's data-scheduling ablation at small scale (paper Tables 1-3 layout, on 2 CPU cores).
 
-    python scripts/ablation.py --out runs/ablation --steps 100 --seeds 17 18
-It reuses `make demo`'s source model and data (runs/demo/source, runs/demo/data), building them if absent,
-and skips runs that already finished (their final mask dump exists).
+For each policy (constant, sheared, dro, drpruning) and seed: prune SmolLM2-135M to the demo target on the
+demo corpus (`yamls/demo/prune_smollm2.yaml`), export the target-shaped model, evaluate it per domain,
+and (for `--cpt-policies`, default all) continue pretraining it (`yamls/demo/cpt_smollm2.yaml`, same policy)
+and evaluate again. The from-scratch
+row (Sheared-LLaMA's baseline) trains a randomly initialised model of the target shape on the same number
+of tokens as prune + continued pretraining (constant mixture, the continued-pretraining recipe) and is
+evaluated the same way. Every evaluation is `drpruning.evaluation.evaluate_domains` on the held-out split.
+
+    python scripts/ablation.py --out runs/ablation --steps 100 --update-interval 10 --seeds 17 18
+
+It reuses `make demo`'s source model and data (`--demo`, default runs/demo: source/ and data/), skips every
+stage whose output exists (so an interrupted ablation resumes), and writes OUT/results.json and
+OUT/results.md (`--report-only` tabulates what has finished).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
+import shutil
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 POLICIES = ("constant", "sheared", "dro", "drpruning")
+SCRATCH = "scratch"
+PRUNE_YAML, CPT_YAML = "yamls/demo/prune_smollm2.yaml", "yamls/demo/cpt_smollm2.yaml"
+TARGET = {"n_layers": 20, "hidden_size": 384, "n_heads": 6, "n_kv_heads": 2, "intermediate_size": 1024}
 
 
-def final_eval_losses(run: Path) -> dict[str, float]:
-    """Per-domain eval loss at the last eval of a run, from its metrics.jsonl."""
+def log(message: str) -> None:
+    print(f"[ablation {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def stage(marker: Path, name: str, run: Callable[[], None]) -> None:
+    """Run `run` unless `marker` exists; the marker holds the stage's wall time in seconds."""
+    if marker.exists():
+        return
+    log(f"{name}: starting")
+    start = time.perf_counter()
+    run()
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(f"{time.perf_counter() - start:.1f}\n")
+    log(f"{name}: finished in {time.perf_counter() - start:.0f} s")
+
+
+def run_logged(command: list[str], log_file: Path) -> None:
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with log_file.open("w") as handle:
+        code = subprocess.run(command, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT).returncode
+    if code != 0:
+        tail = "".join(log_file.read_text().splitlines(keepends=True)[-30:])
+        raise SystemExit(f"command failed ({code}): {' '.join(command)}\n{tail}")
+
+
+def composer_train(yaml: str, model_dir: Path, save_folder: Path, steps: int, policy: str, seed: int,
+                   args: argparse.Namespace, data: Path, extra: list[str], log_file: Path) -> None:
+    overrides = [
+        f"variables.source={model_dir}", f"variables.data={data}", f"save_folder={save_folder}",
+        f"variables.steps={steps}", f"variables.update_interval={args.update_interval}",
+        f"seed={seed}", f"train_loader.seed={seed}", f"callbacks.data_scheduler.policy={policy}",
+        f"run_name={save_folder.name}", "save_overwrite=true", "autoresume=false", *extra,
+    ]
+    if policy == "constant":
+        overrides.append("callbacks.data_scheduler.reference_losses=null")
+    composer = str(Path(sys.executable).with_name("composer"))
+    run_logged([composer, "-n", str(args.ranks), "scripts/train.py", yaml, *overrides], log_file)
+
+
+def evaluate(model_dir: Path, data: Path, out: Path) -> None:
+    from drpruning.evaluation import evaluate_domains
+
+    out.write_text(json.dumps(evaluate_domains(str(model_dir), data, device="cpu"), indent=2) + "\n")
+
+
+def latest_hf_checkpoint(run: Path) -> Path:
+    folders = sorted((run / "huggingface").glob("ba*"), key=lambda p: int(p.name[2:]))
+    if not folders:
+        raise SystemExit(f"{run} holds no hf_checkpointer export")
+    return folders[-1]
+
+
+def scratch_model(source: Path, out: Path) -> None:
+    """A config of the target shape (from the source's config) and the source tokenizer: random init."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from drpruning.shapes import ModelShape, target_shape
+
+    config = AutoConfig.from_pretrained(source)
+    shape = target_shape(ModelShape.from_hf_config(config), TARGET,
+                         ("layer", "head", "intermediate", "hidden"))
+    for key, value in shape.hf_config_updates().items():
+        setattr(config, key, value)
+    staging = out.with_name(out.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    config.save_pretrained(staging)
+    AutoTokenizer.from_pretrained(source).save_pretrained(staging)
+    staging.rename(out)
+
+
+def run_policy(policy: str, seed: int, args: argparse.Namespace, source: Path, data: Path) -> None:
+    base = args.out / f"{policy}-seed{seed}"
+    prune, pruned, cpt = base / "prune", base / "pruned", base / "cpt"
+    done = base / "stages"
+    stage(done / "prune", f"{policy} seed {seed} prune", lambda: composer_train(
+        PRUNE_YAML, source, prune, args.steps, policy, seed, args, data,
+        [f"model.l0_module.lagrangian_warmup={max(1, int(0.4 * args.steps))}ba"], base / "logs" / "prune.log"))
+    stage(done / "export", f"{policy} seed {seed} export", lambda: run_logged(
+        [sys.executable, "scripts/prune_to_dense.py", str(prune), str(pruned), "--overwrite"],
+        base / "logs" / "export.log"))
+    stage(done / "eval_pruned", f"{policy} seed {seed} eval pruned", lambda: evaluate(
+        pruned, data, base / "eval_pruned.json"))
+    if policy not in args.cpt_policies:
+        return
+    stage(done / "cpt", f"{policy} seed {seed} continued pretraining", lambda: composer_train(
+        CPT_YAML, pruned, cpt, args.cpt_steps, policy, seed, args, data, [], base / "logs" / "cpt.log"))
+    stage(done / "eval_cpt", f"{policy} seed {seed} eval continued", lambda: evaluate(
+        latest_hf_checkpoint(cpt), data, base / "eval_cpt.json"))
+
+
+def run_scratch(seed: int, args: argparse.Namespace, source: Path, data: Path) -> None:
+    base = args.out / f"{SCRATCH}-seed{seed}"
+    init, train = args.out / "scratch-init", base / "train"
+    if not init.exists():
+        scratch_model(source, init)
+    steps = args.steps + args.cpt_steps  # the same tokens as prune + continued pretraining
+    stage(base / "stages" / "train", f"scratch seed {seed} train", lambda: composer_train(
+        CPT_YAML, init, train, steps, "constant", seed, args, data, ["model.pretrained=false"],
+        base / "logs" / "train.log"))
+    stage(base / "stages" / "eval_cpt", f"scratch seed {seed} eval", lambda: evaluate(
+        latest_hf_checkpoint(train), data, base / "eval_cpt.json"))
+
+
+# ---- reading results ----------------------------------------------------------------------------------
+
+
+def read_schedule(run: Path) -> list[dict]:
+    path = run / "schedule.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def eval_losses(path: Path) -> dict[str, float] | None:
+    if not path.exists():
+        return None
+    return {domain: value["loss"] for domain, value in json.loads(path.read_text())["domains"].items()}
+
+
+def first_evals(run: Path) -> dict[str, float]:
+    """Average per-domain eval loss of the first two evals of a pruning run (source at step 0, then the
+    first periodic eval of the current model), and the parameter count that second eval scored."""
+    by_step: dict[int, dict[str, float]] = {}
+    params: dict[int, float] = {}
     prefix, suffix = "metrics/eval/", "/LanguageCrossEntropy"
-    last: dict[str, tuple[int, float]] = {}
     for line in (run / "metrics.jsonl").read_text().splitlines():
         record = json.loads(line)
         for key, value in record.items():
             if key.startswith(prefix) and key.endswith(suffix):
-                domain = key[len(prefix):-len(suffix)]
-                if domain not in last or record["step"] >= last[domain][0]:
-                    last[domain] = (record["step"], value)
-    return {domain: value for domain, (_, value) in last.items()}
+                by_step.setdefault(record["step"], {})[key[len(prefix):-len(suffix)]] = value
+            if key == "metrics/eval_masks/params":
+                params[record["step"]] = value
+    steps = sorted(by_step)[:2]
+    result = {f"step{s}": statistics.fmean(by_step[s].values()) for s in steps}
+    if len(steps) == 2 and steps[1] in params:
+        result["params_scored"] = params[steps[1]]
+    return result
 
 
-def run_one(policy: str, seed: int, args: argparse.Namespace, source: Path, data: Path) -> dict:
-    run = args.out / f"{policy}-seed{seed}"
-    if not (run / "masks" / f"ba{args.steps}.pt").exists():
-        overrides = [
-            f"variables.source={source}", f"variables.data={data}", f"save_folder={run}",
-            f"variables.steps={args.steps}", f"variables.update_interval={args.update_interval}",
-            f"model.l0_module.lagrangian_warmup={max(1, int(0.4 * args.steps))}ba",
-            f"seed={seed}", f"train_loader.seed={seed}", f"callbacks.data_scheduler.policy={policy}",
-            f"run_name=ablation-{policy}-seed{seed}", "save_overwrite=true", "autoresume=false",
-        ]
-        if policy == "constant":
-            overrides.append("callbacks.data_scheduler.reference_losses=null")
-        composer = str(Path(sys.executable).with_name("composer"))
-        command = [composer, "-n", str(args.ranks), "scripts/train.py", "yamls/demo/prune_smollm2.yaml", *overrides]
-        print(f"[ablation] {policy} seed {seed}: {' '.join(command)}", flush=True)
-        start = time.perf_counter()
-        log = args.out / "logs" / f"{policy}-seed{seed}.log"
-        log.parent.mkdir(parents=True, exist_ok=True)
-        with log.open("w") as handle:
-            subprocess.run(command, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT, check=True)
-        (run / "runtime_s.txt").write_text(f"{time.perf_counter() - start:.1f}\n")
-    losses = final_eval_losses(run)
+def collect(policy: str, seed: int, args: argparse.Namespace) -> dict | None:
+    base = args.out / f"{policy}-seed{seed}"
+    final, pruned = eval_losses(base / "eval_cpt.json"), eval_losses(base / "eval_pruned.json")
+    if final is None and pruned is None:
+        return None
+    row: dict = {"policy": policy, "seed": seed, "cpt": final, "pruned": pruned}
+    times = {p.name: float(p.read_text()) for p in (base / "stages").glob("*")}
+    row["runtime_s"] = sum(times.values())
+    run = base / ("train" if policy == SCRATCH else "prune")
     usage = json.loads((run / "data_usage.json").read_text())
-    return {
-        "policy": policy, "seed": seed, "losses": losses,
-        "average_loss": statistics.fmean(losses.values()), "worst_loss": max(losses.values()),
-        "worst_domain": max(losses, key=losses.get),
-        "data_usage": {d: v["fraction"] for d, v in usage["domains"].items()},
-        "runtime_s": float((run / "runtime_s.txt").read_text()),
-    }
+    row["data_usage"] = {d: v["fraction"] for d, v in usage["domains"].items()}
+    schedule = read_schedule(run)
+    references = [r["reference_losses"] for r in schedule if r.get("reference_losses")]
+    if references:
+        row["reference_change"] = {d: references[-1][d] - references[0][d] for d in references[0]}
+        row["reference_first_change_step"] = next(
+            (r["step"] for r in schedule if r.get("reference_losses")
+             and any(abs(r["reference_losses"][d] - references[0][d]) > 0 for d in references[0])), None)
+    if policy != SCRATCH:
+        row["first_evals"] = first_evals(run)
+    return row
 
 
-def write_markdown(results: list[dict], args: argparse.Namespace, path: Path) -> None:
-    domains = list(results[0]["losses"])
+# ---- the report ---------------------------------------------------------------------------------------
+
+
+def _mean(values: list[float]) -> float:
+    return statistics.fmean(values)
+
+
+def _row_cells(rows: list[dict], key: str, domains: list[str]) -> tuple[list[str], float, float]:
+    per_seed_avg = [_mean([r[key][d] for d in domains]) for r in rows]
+    per_seed_worst = [max(r[key][d] for d in domains) for r in rows]
+    cells = [f"{_mean([r[key][d] for r in rows]):.3f}" for d in domains]
+    return cells, _mean(per_seed_avg), _mean(per_seed_worst)
+
+
+def write_markdown(results: list[dict], args: argparse.Namespace, path: Path, revision: str) -> None:
+    domains = list(results[0]["cpt"] or results[0]["pruned"])
+    names = [p for p in (*POLICIES, SCRATCH) if any(r["policy"] == p for r in results)]
     lines = [
-        f"Pruning SmolLM2-135M → 20 layers, d 384, 6/2 heads, FFN 1024 for {args.steps} steps "
-        f"(global batch 4 × 128 tokens), update interval {args.update_interval}, seeds {args.seeds}.",
+        f"SmolLM2-135M → 20 layers, d 384, 6/2 heads, FFN 1024 (50.3M). Pruning {args.steps} steps, then "
+        f"{args.cpt_steps} steps of continued pretraining (global batch 4 × 128 tokens), data update every "
+        f"{args.update_interval} steps; from scratch: {args.steps + args.cpt_steps} steps on the target shape. "
+        f"Seeds {args.seeds}; code at revision {revision}.",
         "",
         "Command: `python scripts/ablation.py " + " ".join(sys.argv[1:]) + "`",
         "",
-        "| policy | avg loss | avg ppl | worst-domain loss | " + " | ".join(domains) + " | runtime (s) |",
-        "|---|---:|---:|---:|" + "---:|" * len(domains) + "---:|",
+        "Per-domain eval loss (held-out split), mean over seeds; avg and worst are the mean over seeds of each "
+        "seed's average and worst domain; ± is the half-range of the two seeds' averages.",
+        "",
+        "| policy | stage | seeds | avg loss | ± | worst-domain | " + " | ".join(domains) + " |",
+        "|---|---|---:|---:|---:|---:|" + "---:|" * len(domains),
     ]
-    for policy in POLICIES:
-        rows = [r for r in results if r["policy"] == policy]
-        if not rows:
-            continue
-        mean = statistics.fmean
-        cells = [f"{mean(r['losses'][d] for r in rows):.3f}" for d in domains]
-        avg = mean(r["average_loss"] for r in rows)
-        lines.append(
-            f"| {policy} | {avg:.3f} | {math.exp(avg):.1f} | {mean(r['worst_loss'] for r in rows):.3f} | "
-            + " | ".join(cells) + f" | {mean(r['runtime_s'] for r in rows):.0f} |"
-        )
-    lines += ["", "Data usage per domain (fraction of training tokens, mean over seeds; paper Table 3):", "",
+    for name in names:
+        rows = [r for r in results if r["policy"] == name]
+        for key, label in (("pruned", "pruned"), ("cpt", "+ continued" if name != SCRATCH else "trained")):
+            have = [r for r in rows if r.get(key)]
+            if not have:
+                continue
+            cells, avg, worst = _row_cells(have, key, domains)
+            spread = [_mean([r[key][d] for d in domains]) for r in have]
+            half_range = (max(spread) - min(spread)) / 2 if len(spread) > 1 else float("nan")
+            lines.append(f"| {name} | {label} | {len(have)} | {avg:.3f} | {half_range:.3f} | {worst:.3f} | "
+                         + " | ".join(cells) + " |")
+    lines += ["", "Data usage during pruning (fraction of training tokens, mean over seeds; paper Table 3):", "",
               "| policy | " + " | ".join(domains) + " |", "|---|" + "---:|" * len(domains)]
-    for policy in POLICIES:
-        rows = [r for r in results if r["policy"] == policy]
+    for name in names:
+        rows = [r for r in results if r["policy"] == name]
+        lines.append(f"| {name} | " + " | ".join(f"{_mean([r['data_usage'][d] for r in rows]):.3f}"
+                                                 for d in domains) + " |")
+    lines += ["", "Reference-loss change during pruning (last update − first, mean over seeds; the first is "
+              "the source model's loss for every policy with references):", "",
+              "| policy | first change at step | " + " | ".join(domains) + " |",
+              "|---|---:|" + "---:|" * len(domains)]
+    for name in names:
+        rows = [r for r in results if r["policy"] == name and "reference_change" in r]
         if rows:
-            lines.append(f"| {policy} | " + " | ".join(
-                f"{statistics.fmean(r['data_usage'][d] for r in rows):.3f}" for d in domains) + " |")
+            steps = sorted({str(r.get("reference_first_change_step")) for r in rows})
+            lines.append(f"| {name} | {', '.join(steps)} | " + " | ".join(
+                f"{_mean([r['reference_change'][d] for r in rows]):+.3f}" for d in domains) + " |")
+    lines += ["", "First evals of each pruning run (average over domains): the source model before step 1, "
+              "and the first periodic eval, which scores the current model (`eval_masks: current`):", "",
+              "| policy | seed | step 0 (source) | first periodic eval | params scored there |",
+              "|---|---:|---:|---:|---:|"]
+    for r in results:
+        evals = r.get("first_evals")
+        if evals and len(evals) >= 2:
+            values = [v for k, v in evals.items() if k.startswith("step")]
+            params = evals.get("params_scored")
+            lines.append(f"| {r['policy']} | {r['seed']} | {values[0]:.3f} | {values[1]:.3f} | "
+                         + (f"{params / 1e6:.1f}M" if params else "–") + " |")
+    lines += ["", "| policy | seed | wall time (s) |", "|---|---:|---:|"]
+    lines += [f"| {r['policy']} | {r['seed']} | {r['runtime_s']:.0f} |" for r in results]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -105,10 +272,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("runs/ablation"))
     parser.add_argument("--demo", type=Path, default=Path("runs/demo"), help="where make demo keeps source/data")
-    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--steps", type=int, default=100, help="pruning steps")
+    parser.add_argument("--cpt-steps", type=int, default=40, help="continued-pretraining steps")
     parser.add_argument("--update-interval", type=int, default=10)
+    parser.add_argument("--cpt-policies", nargs="*", default=list(POLICIES), choices=POLICIES,
+                        help="the policies whose pruned models also get continued pretraining (default all)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[17, 18])
-    parser.add_argument("--policies", nargs="+", default=list(POLICIES), choices=POLICIES)
+    parser.add_argument("--policies", nargs="+", default=[*POLICIES, SCRATCH], choices=[*POLICIES, SCRATCH])
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--report-only", action="store_true", help="tabulate the runs that have finished")
     args = parser.parse_args()
@@ -116,15 +286,21 @@ def main() -> None:
     source, data = (args.demo / "source").resolve(), (args.demo / "data").resolve()
     if not (source / ".complete").exists() or not (data / "manifest.json").exists():
         raise SystemExit(f"run `make demo` first (needs {source} and {data})")
+    revision = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                              text=True).stdout.strip() or "unknown"
     runs = [(policy, seed) for seed in args.seeds for policy in args.policies]
-    if args.report_only:
-        runs = [(p, s) for p, s in runs if (args.out / f"{p}-seed{s}" / "runtime_s.txt").exists()]
-        if not runs:
-            raise SystemExit(f"no finished runs in {args.out}")
-    results = [run_one(policy, seed, args, source, data) for policy, seed in runs]
+    if not args.report_only:
+        for policy, seed in runs:  # seed by seed, so a partial ablation still compares every policy
+            if policy == SCRATCH:
+                run_scratch(seed, args, source, data)
+            else:
+                run_policy(policy, seed, args, source, data)
+    results = [row for policy, seed in runs if (row := collect(policy, seed, args)) is not None]
+    if not results:
+        raise SystemExit(f"no finished runs in {args.out}")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    write_markdown(results, args, args.out / "results.md")
+    write_markdown(results, args, args.out / "results.md", revision)
     print((args.out / "results.md").read_text())
 
 

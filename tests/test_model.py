@@ -76,3 +76,22 @@ def test_resuming_toward_a_different_target_is_refused():
     callback.metadata = {"l0": {"target_shape": {"n_layers": 3}}}
     with pytest.raises(ValueError, match="pruned toward"):
         callback.load_state_dict({"l0": {"target_shape": {"n_layers": 2}}})
+
+
+def test_first_eval_of_a_pruning_run_scores_the_current_model_not_the_target(tiny_assets):
+    """Fresh gates expect (almost) every unit: `eval_masks: current` (default) scores the source model,
+    `target` scores a model of the final shape chosen by untrained gates (SPEC §3)."""
+    batch = _batch()
+    source = _model(tiny_assets).eval()
+    with torch.no_grad():
+        source_logits = source(batch).logits
+    current = _model(tiny_assets, l0_module={"target": TARGET}).eval()
+    target = _model(tiny_assets, l0_module={"target": TARGET, "eval_masks": "target"}).eval()
+    with torch.no_grad():
+        current_logits, target_logits = current(batch).logits, target(batch).logits
+    # P(z > 0) = 0.998 at the start: every tiny row keeps all its units, so the logits are the source's.
+    assert torch.allclose(current_logits, source_logits, atol=1e-5)
+    assert (target_logits - source_logits).abs().max() > 0.1
+    kept = current.l0_module.kept_units(current.last_eval_masks)
+    assert kept == {"layer": 4.0, "head": 2.0, "intermediate": 128.0, "hidden": 64.0}
+    assert current.l0_module.kept_units(current.l0_module.last_target_masks)["layer"] == TARGET["n_layers"]
