@@ -4,8 +4,9 @@ One train step = the masked model's (`drpruning_causal_lm` with all four pruning
 Lagrangian, backward and AdamW step at the run's batch. The calibration pass = `compute_importance` over
 `--num-sequences` sequences (forward only, the measurement hooks on), as `l0_module.init: importance`
 runs it once before training. Time: median of alternating repeats in one process (wall and CPU time, the
-machine may be shared); peak memory: a fresh subprocess per side (peak RSS on CPU, max_memory_allocated
-on CUDA), so the ratio compares whole processes holding the same model.
+machine may be shared); peak memory: a fresh subprocess per side that loads the model, then resets the
+peak (CPU: /proc/self/clear_refs, VmHWM; CUDA: reset_peak_memory_stats) and runs that side alone, so the
+peak is not the loading's. The report gives each side's peak and what it adds over the loaded model.
 
     .venv/bin/python benchmarks/calibration.py --model runs/demo/source           # the demo's settings
     .venv/bin/python benchmarks/calibration.py                                    # random ~125M Llama
@@ -15,8 +16,8 @@ on CUDA), so the ratio compares whole processes holding the same model.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -80,6 +81,26 @@ def tokens(rows: int, seq_len: int, vocab: int, seed: int) -> torch.Tensor:
     return torch.randint(0, vocab, (rows, seq_len), generator=torch.Generator().manual_seed(seed))
 
 
+def _status_kib(field: str) -> int:
+    line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(field + ":"))
+    return int(line.split()[1])
+
+
+def peak_memory_mib(run, device: str) -> tuple[float, float]:
+    """(peak while `run` runs, resident before it) in MiB: CUDA allocated memory, else process RSS."""
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        run()
+        return torch.cuda.max_memory_allocated() / 2**20, before / 2**20
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux)
+    before = _status_kib("VmRSS")
+    run()
+    return _status_kib("VmHWM") / 1024, before / 1024
+
+
 def timed(run) -> tuple[float, float]:
     wall, cpu = time.perf_counter(), time.process_time()
     run()
@@ -115,13 +136,9 @@ def main() -> None:
             "calibrate": lambda: calibration_pass(model, sequences, args.calibration_batch_size, args.device),
         }
         if args.memory_only:
-            if args.device == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            for _ in range(2 if args.memory_only == "train" else 1):
-                sides[args.memory_only]()
-            peak = (torch.cuda.max_memory_allocated() if args.device == "cuda"
-                    else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # fmt: skip
-            print(peak / 2**20)
+            repeat = 2 if args.memory_only == "train" else 1  # the second step holds the Adam state
+            peak, before = peak_memory_mib(lambda: [sides[args.memory_only]() for _ in range(repeat)], args.device)
+            print(json.dumps({"peak": peak, "loaded": before}))
             return
         sides["train"]()  # warm-up: allocators, kernels, Adam state
         times: dict[str, list[tuple[float, float]]] = {"train": [], "calibrate": []}
@@ -129,7 +146,6 @@ def main() -> None:
             for side in (("train", "calibrate") if index % 2 == 0 else ("calibrate", "train")):
                 times[side].append(timed(sides[side]))
         params = sum(p.numel() for p in model.model.parameters())
-        del model, optimizer
         base = [sys.executable, __file__, "--device", args.device, "--batch-size", str(args.batch_size),
                 "--seq-len", str(args.seq_len), "--num-sequences", str(args.num_sequences),
                 "--calibration-batch-size", str(args.calibration_batch_size)]  # fmt: skip
@@ -137,8 +153,8 @@ def main() -> None:
             base += ["--model", str(args.model)]
         if args.target:
             base += ["--target", *args.target]
-        memory = {side: float(subprocess.run([*base, "--memory-only", side], check=True, capture_output=True,
-                                             text=True).stdout.strip().splitlines()[-1])
+        memory = {side: json.loads(subprocess.run([*base, "--memory-only", side], check=True, capture_output=True,
+                                                  text=True).stdout.strip().splitlines()[-1])
                   for side in ("train", "calibrate")}  # fmt: skip
 
     median = {side: [statistics.median(t[i] for t in values) for i in (0, 1)] for side, values in times.items()}
@@ -151,8 +167,9 @@ def main() -> None:
         "calibration_s": {"wall": round(median["calibrate"][0], 2), "cpu": round(median["calibrate"][1], 2)},
         "time_ratio_wall": round(median["calibrate"][0] / median["train"][0], 2),
         "time_ratio_cpu": round(median["calibrate"][1] / median["train"][1], 2),
-        "peak_memory_mib": {side: round(value) for side, value in memory.items()},
-        "peak_memory_ratio": round(memory["calibrate"] / memory["train"], 2),
+        "peak_memory_mib": {side: round(value["peak"]) for side, value in memory.items()},
+        "added_over_loaded_model_mib": {side: round(value["peak"] - value["loaded"]) for side, value in memory.items()},
+        "peak_memory_ratio": round(memory["calibrate"]["peak"] / memory["train"]["peak"], 2),
     }
     print(json.dumps(report, indent=2))
 
