@@ -120,25 +120,26 @@ def run_label(policy: str, args: argparse.Namespace) -> str:
 
 
 def run_policy(policy: str, seed: int, args: argparse.Namespace, source: Path, data: Path) -> None:
-    base = args.out / f"{run_label(policy, args)}-seed{seed}"
+    name = run_label(policy, args)
+    base = args.out / f"{name}-seed{seed}"
     prune, pruned, cpt = base / "prune", base / "pruned", base / "cpt"
     done = base / "stages"
     init = [] if args.init == "uniform" else [
         "model.l0_module.init=importance", f"model.l0_module.calibration.data_dir={data}",
         *(f"model.l0_module.calibration.{key}={value}" for key, value in CALIBRATION.items())]
-    stage(done / "prune", f"{run_label(policy, args)} seed {seed} prune", lambda: composer_train(
+    stage(done / "prune", f"{name} seed {seed} prune", lambda: composer_train(
         PRUNE_YAML, source, prune, args.steps, policy, seed, args, data,
         [f"model.l0_module.lagrangian_warmup={max(1, int(0.4 * args.steps))}ba", *init], base / "logs" / "prune.log"))
-    stage(done / "export", f"{policy} seed {seed} export", lambda: run_logged(
+    stage(done / "export", f"{name} seed {seed} export", lambda: run_logged(
         [sys.executable, "scripts/prune_to_dense.py", str(prune), str(pruned), "--overwrite"],
         base / "logs" / "export.log"))
-    stage(done / "eval_pruned", f"{policy} seed {seed} eval pruned", lambda: evaluate(
+    stage(done / "eval_pruned", f"{name} seed {seed} eval pruned", lambda: evaluate(
         pruned, data, base / "eval_pruned.json"))
     if policy not in args.cpt_policies:
         return
-    stage(done / "cpt", f"{policy} seed {seed} continued pretraining", lambda: composer_train(
+    stage(done / "cpt", f"{name} seed {seed} continued pretraining", lambda: composer_train(
         CPT_YAML, pruned, cpt, args.cpt_steps, policy, seed, args, data, [], base / "logs" / "cpt.log"))
-    stage(done / "eval_cpt", f"{policy} seed {seed} eval continued", lambda: evaluate(
+    stage(done / "eval_cpt", f"{name} seed {seed} eval continued", lambda: evaluate(
         latest_hf_checkpoint(cpt), data, base / "eval_cpt.json"))
 
 
