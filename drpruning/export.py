@@ -497,15 +497,35 @@ def export_run(
     out_dir = Path(out_dir)
     _check_out_dir(out_dir, overwrite, Path(checkpoint_or_run_dir))
     loaded = load_pruning_checkpoint(checkpoint_or_run_dir)
-    model, l0_module = loaded.model, loaded.l0_module
+    dense, summary = dense_export(loaded.model, loaded.l0_module, source=loaded.source, step=loaded.step,
+                                  verify=verify, num_verify_sequences=num_verify_sequences)  # fmt: skip
+    summary["checkpoint"] = str(loaded.path)
+    del loaded.model, loaded.l0_module  # the source is not needed for writing; free it before serialising
+    gc.collect()
+    return save_export(dense, summary, out_dir, overwrite=overwrite, tokenizer=tokenizer, source=loaded.source,
+                       embedded_tokenizer=loaded.embedded_tokenizer, input_path=checkpoint_or_run_dir)  # fmt: skip
+
+
+def dense_export(
+    model: PreTrainedModel,
+    l0_module: L0Module,
+    *,
+    source: str | None,
+    step: int | None,
+    verify: bool = True,
+    num_verify_sequences: int = 4,
+) -> tuple[PreTrainedModel, dict[str, Any]]:
+    """The dense model of `l0_module.target_masks()` and its `pruning.json` summary, logits checked.
+
+    Shared by checkpoint export and one-shot pruning (`drpruning/one_shot.py`), so both keep units the same
+    way, write the same summary and pass the same verification."""
     masks = l0_module.target_masks()
     dense = prune_to_dense(model, masks)
     exported = ModelShape.from_hf_config(dense.config).target_dict()
     if exported != l0_module.target.target_dict():
         raise ExportError(f"the masks give shape {exported}, not the target {l0_module.target.target_dict()}")
-    summary = pruning_summary(model, masks, dense, source=loaded.source, step=loaded.step,
+    summary = pruning_summary(model, masks, dense, source=source, step=step,
                               target_shape=l0_module.target.target_dict())  # fmt: skip
-    summary["checkpoint"] = str(loaded.path)
     if verify:
         difference, scale = logit_difference(model, masks, dense, num_verify_sequences)
         tolerance = VERIFY_ATOL + VERIFY_RTOL * scale
@@ -514,16 +534,33 @@ def export_run(
                               f"{difference:.3g} (> {tolerance:.3g}); nothing was written")  # fmt: skip
         summary["verification"] = {"max_abs_logit_diff": difference, "max_abs_logit": scale,
                                    "tolerance": tolerance, "sequences": num_verify_sequences}  # fmt: skip
-    del model, loaded.model, l0_module  # the source is not needed for writing; free it before serialising
-    gc.collect()
+    return dense, summary
 
+
+def save_export(
+    dense: PreTrainedModel,
+    summary: Mapping[str, Any],
+    out_dir: str | Path,
+    *,
+    overwrite: bool = False,
+    tokenizer: str | Path | None = None,
+    source: str | None = None,
+    embedded_tokenizer: Mapping[str, Any] | None = None,
+    input_path: str | Path,
+) -> Path:
+    """Write `dense`, its tokenizer and `pruning.json` to `out_dir` through a staging folder (all or nothing).
+
+    `input_path` (the checkpoint, run folder or source model read) is never inside, around or equal to it."""
+    out_dir, input_path = Path(out_dir), Path(input_path)
+    _check_out_dir(out_dir, overwrite, input_path)
+    summary = dict(summary)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     try:
         dense.save_pretrained(str(staging), safe_serialization=True)
-        summary["tokenizer"] = _save_tokenizer(staging, tokenizer, loaded.source, loaded.embedded_tokenizer)
+        summary["tokenizer"] = _save_tokenizer(staging, tokenizer, source, embedded_tokenizer)
         (staging / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-        _replace_dir(staging, out_dir, overwrite, Path(checkpoint_or_run_dir))
+        _replace_dir(staging, out_dir, overwrite, input_path)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

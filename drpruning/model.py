@@ -16,6 +16,7 @@ from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
 from drpruning.errors import ConfigError
+from drpruning.importance import CalibrationConfig
 from drpruning.masks import L0Module
 from drpruning.prunable import make_prunable
 from drpruning.shapes import ModelShape
@@ -79,6 +80,8 @@ class DRPruningCausalLM(ComposerHFCausalLM):
             target: {n_layers: 24, hidden_size: 2048, n_heads: 16, n_kv_heads: 16, intermediate_size: 5504}
             lagrangian_warmup: 640ba
             eval_masks: current            # evals score the current expected size; `target`: the final shape
+            init: uniform                  # the paper; `importance`: gates ordered by a calibration pass
+            calibration: {data_dir: DIR}   # init: importance only (drpruning/importance.py: CalibrationConfig)
     """
 
     def __init__(
@@ -88,23 +91,33 @@ class DRPruningCausalLM(ComposerHFCausalLM):
         l0_module: Mapping[str, Any] | None = None,
         **kwargs: Any,
     ):
+        # Checked before the (possibly large) source model is loaded.
+        calibration: CalibrationConfig | None = None
+        if l0_module is not None:
+            unknown = sorted(set(l0_module) - {"pruning_modules", "target", "lagrangian_warmup", "init_log_alpha",
+                                             "eval_masks", "init", "init_band", "calibration"})
+            if unknown:
+                raise ConfigError(f"unknown l0_module keys {unknown}")
+            if "target" not in l0_module:
+                raise ConfigError("l0_module needs a `target` shape, e.g. {n_layers: 24, hidden_size: 2048, ...}")
+            if l0_module.get("init") == "importance":
+                calibration = CalibrationConfig.from_dict(l0_module.get("calibration"))
+            elif l0_module.get("calibration") is not None:
+                raise ConfigError("l0_module.calibration is only read with l0_module.init: importance")
         super().__init__(tokenizer=tokenizer, pretrained_model_name_or_path=pretrained_model_name_or_path, **kwargs)
         self.shape = ModelShape.from_hf_config(self.model.config)
         self.domain_stats = DomainStats()
         self.l0_module: L0Module | None = None
+        # Read by the `pruning` callback at Event.INIT when the gates start from importance.
+        self.calibration = calibration
         self._lagrangian: Tensor | None = None
         self._pruning_stats: dict[str, Tensor] = {}
         self.last_eval_masks: dict[str, Tensor] | None = None
         # Eval with all gates open (the source model); the `pruning` callback sets it for evals before step 1.
         self.evaluate_source = False
         if l0_module is not None:
-            unknown = sorted(set(l0_module) - {"pruning_modules", "target", "lagrangian_warmup", "init_log_alpha",
-                                             "eval_masks"})
-            if unknown:
-                raise ConfigError(f"unknown l0_module keys {unknown}")
-            if "target" not in l0_module:
-                raise ConfigError("l0_module needs a `target` shape, e.g. {n_layers: 24, hidden_size: 2048, ...}")
-            self.l0_module = L0Module(self.shape, **dict(l0_module))
+            options = {k: v for k, v in l0_module.items() if k != "calibration"}
+            self.l0_module = L0Module(self.shape, **options)
             self.mask_state = make_prunable(self.model, self.shape)
 
     def forward(self, batch: Mapping[str, Any]) -> Any:

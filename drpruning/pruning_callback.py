@@ -1,6 +1,8 @@
 """The `pruning` callback: feeds the train step to the masks, keeps log alpha in range, checks that the
 optimizer trains masks and Lagrange multipliers as the method needs, logs the size of the model each
 eval scored, and dumps the target-shape masks (the architecture an export at that step would keep).
+With `l0_module.init: importance` it also orders the gates by a calibration pass at Event.INIT, before
+DDP/FSDP wrapping and before a checkpoint is loaded (so a resumed run's checkpointed gates win).
 
 Registered in LLM-Foundry as `pruning`; a pruning yaml lists it as `callbacks: {pruning: {}}`.
 """
@@ -16,6 +18,7 @@ from composer.loggers import Logger
 from composer.utils import dist
 
 from drpruning.errors import ConfigError
+from drpruning.importance import Importance, importance_for_run, write_importance
 from drpruning.masks import L0Module
 from drpruning.runs import check_run_folder, run_folder, start_run_in_folder, unwrap_model, write_json
 from drpruning.shapes import module_sizes
@@ -67,6 +70,28 @@ class PruningCallback(Callback):
         # Checked before DDP/FSDP wrapping, while optimizer params are still the model's own objects.
         if state.optimizers:
             check_optimizer_groups(model, state.optimizers[0])
+        if l0.init == "importance":
+            self._order_gates(state, model, l0)
+
+    def _order_gates(self, state: State, model: Any, l0: L0Module) -> None:
+        """Gates ordered by importance (rank 0's pass, broadcast). Its files (`importance.pt`, and
+        `masks/ba0.pt` = the one-shot selection) are written at FIT_START, once the run folder is the run's."""
+        importance = importance_for_run(model.model, model.calibration, run_folder(state),
+                                        source=self.metadata["source"])  # fmt: skip
+        l0.order_gates_(importance.scores)
+        self.metadata["importance"] = {"calibration": importance.meta.get("calibration"), "cost": importance.cost()}
+        self._importance: Importance | None = importance
+        self._one_shot_masks = {m: t.detach().cpu() for m, t in l0.target_masks().items()}
+
+    def _write_importance(self, state: State) -> None:
+        importance, self._importance = getattr(self, "_importance", None), None
+        if importance is None or dist.get_global_rank() != 0:
+            return
+        folder = run_folder(state)
+        write_importance(importance, folder)
+        if self.save_masks:
+            (folder / "masks").mkdir(parents=True, exist_ok=True)
+            torch.save(self._one_shot_masks, folder / "masks" / "ba0.pt")
 
     def after_load(self, state: State, logger: Logger) -> None:
         check_run_folder(state)
@@ -76,6 +101,7 @@ class PruningCallback(Callback):
 
     def fit_start(self, state: State, logger: Logger) -> None:
         start_run_in_folder(state)  # before the first write: an earlier run in the folder is refused or moved
+        self._write_importance(state)
         if self.save_masks:
             write_json(run_folder(state) / "masks" / "meta.json", self.metadata)
 

@@ -40,7 +40,8 @@ log = logging.getLogger(__name__)
 
 REPLACED_PREFIX = ".replaced-"
 _CHECKPOINT = re.compile(r"^(ep\d+-ba\d+(-rank\d+)?|latest-rank\d+)(\.pt)?(\.tar)?(\.symlink)?$")
-_RUN_FILES = {"metrics.jsonl", "schedule.jsonl", "data_usage.json", "masks", "plots", "huggingface", "runtime_s.txt"}
+_RUN_FILES = {"metrics.jsonl", "schedule.jsonl", "data_usage.json", "masks", "plots", "huggingface", "runtime_s.txt",
+              "importance.pt", "importance.json"}
 """What drpruning's callbacks, `hf_checkpointer`, `scripts/plot_run.py` and `scripts/ablation.py` write."""
 _CHECKED_ATTR = "_drpruning_run_folder_checked"
 _STARTED_ATTR = "_drpruning_run_folder_started"

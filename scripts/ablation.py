@@ -10,6 +10,13 @@ evaluated the same way. Every evaluation is `drpruning.evaluation.evaluate_domai
 
     python scripts/ablation.py --out runs/ablation --steps 100 --update-interval 10 --seeds 17 18
 
+`--init importance` starts every pruning run's gates from a calibration pass (`l0_module.init: importance`,
+runs named `<policy>-importance-seed<S>`), and the `one-shot` row prunes by that importance alone
+(`scripts/one_shot_prune.py`, no training; deterministic, so done once) before the same continued
+pretraining (drpruning scheduling) per seed:
+
+    python scripts/ablation.py --out runs/importance --init importance --policies drpruning one-shot
+
 It reuses `make demo`'s source model and data (`--demo`, default runs/demo: source/ and data/), skips every
 stage whose output exists (so an interrupted ablation resumes), and writes OUT/results.json and
 OUT/results.md (`--report-only` tabulates what has finished).
@@ -30,6 +37,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 POLICIES = ("constant", "sheared", "dro", "drpruning")
 SCRATCH = "scratch"
+ONE_SHOT = "one-shot"
+ONE_SHOT_CPT_POLICY = "drpruning"  # the demo's continued-pretraining schedule
+CALIBRATION = {"num_sequences": 32, "seed": 0}  # the defaults of drpruning.importance.CalibrationConfig
 PRUNE_YAML, CPT_YAML = "yamls/demo/prune_smollm2.yaml", "yamls/demo/cpt_smollm2.yaml"
 TARGET = {"n_layers": 20, "hidden_size": 384, "n_heads": 6, "n_kv_heads": 2, "intermediate_size": 1024}
 
@@ -104,23 +114,49 @@ def scratch_model(source: Path, out: Path) -> None:
     staging.rename(out)
 
 
+def run_label(policy: str, args: argparse.Namespace) -> str:
+    """The row / folder name: the policy, marked when its gates start from importance."""
+    return f"{policy}-importance" if args.init == "importance" and policy not in (SCRATCH, ONE_SHOT) else policy
+
+
 def run_policy(policy: str, seed: int, args: argparse.Namespace, source: Path, data: Path) -> None:
-    base = args.out / f"{policy}-seed{seed}"
+    name = run_label(policy, args)
+    base = args.out / f"{name}-seed{seed}"
     prune, pruned, cpt = base / "prune", base / "pruned", base / "cpt"
     done = base / "stages"
-    stage(done / "prune", f"{policy} seed {seed} prune", lambda: composer_train(
+    init = [] if args.init == "uniform" else [
+        "model.l0_module.init=importance", f"model.l0_module.calibration.data_dir={data}",
+        *(f"model.l0_module.calibration.{key}={value}" for key, value in CALIBRATION.items())]
+    stage(done / "prune", f"{name} seed {seed} prune", lambda: composer_train(
         PRUNE_YAML, source, prune, args.steps, policy, seed, args, data,
-        [f"model.l0_module.lagrangian_warmup={max(1, int(0.4 * args.steps))}ba"], base / "logs" / "prune.log"))
-    stage(done / "export", f"{policy} seed {seed} export", lambda: run_logged(
+        [f"model.l0_module.lagrangian_warmup={max(1, int(0.4 * args.steps))}ba", *init], base / "logs" / "prune.log"))
+    stage(done / "export", f"{name} seed {seed} export", lambda: run_logged(
         [sys.executable, "scripts/prune_to_dense.py", str(prune), str(pruned), "--overwrite"],
         base / "logs" / "export.log"))
-    stage(done / "eval_pruned", f"{policy} seed {seed} eval pruned", lambda: evaluate(
+    stage(done / "eval_pruned", f"{name} seed {seed} eval pruned", lambda: evaluate(
         pruned, data, base / "eval_pruned.json"))
     if policy not in args.cpt_policies:
         return
-    stage(done / "cpt", f"{policy} seed {seed} continued pretraining", lambda: composer_train(
+    stage(done / "cpt", f"{name} seed {seed} continued pretraining", lambda: composer_train(
         CPT_YAML, pruned, cpt, args.cpt_steps, policy, seed, args, data, [], base / "logs" / "cpt.log"))
-    stage(done / "eval_cpt", f"{policy} seed {seed} eval continued", lambda: evaluate(
+    stage(done / "eval_cpt", f"{name} seed {seed} eval continued", lambda: evaluate(
+        latest_hf_checkpoint(cpt), data, base / "eval_cpt.json"))
+
+
+def run_one_shot(seed: int, args: argparse.Namespace, source: Path, data: Path) -> None:
+    """Importance pruning without training (shared by the seeds), then the seed's continued pretraining."""
+    shared, base = args.out / ONE_SHOT, args.out / f"{ONE_SHOT}-seed{seed}"
+    pruned, cpt = shared / "pruned", base / "cpt"
+    target = [f"{key}={value}" for key, value in TARGET.items()]
+    calibration = [f"--{key.replace('_', '-')}={value}" for key, value in CALIBRATION.items()]
+    stage(shared / "stages" / "prune", "one-shot prune", lambda: run_logged(
+        [sys.executable, "scripts/one_shot_prune.py", str(source), str(pruned), "--data", str(data), *calibration,
+         "--overwrite", "--target", *target], shared / "logs" / "prune.log"))
+    stage(shared / "stages" / "eval_pruned", "one-shot eval pruned", lambda: evaluate(
+        pruned, data, shared / "eval_pruned.json"))
+    stage(base / "stages" / "cpt", f"one-shot seed {seed} continued pretraining", lambda: composer_train(
+        CPT_YAML, pruned, cpt, args.cpt_steps, ONE_SHOT_CPT_POLICY, seed, args, data, [], base / "logs" / "cpt.log"))
+    stage(base / "stages" / "eval_cpt", f"one-shot seed {seed} eval continued", lambda: evaluate(
         latest_hf_checkpoint(cpt), data, base / "eval_cpt.json"))
 
 
@@ -172,14 +208,18 @@ def first_evals(run: Path) -> dict[str, float]:
 
 
 def collect(policy: str, seed: int, args: argparse.Namespace) -> dict | None:
-    base = args.out / f"{policy}-seed{seed}"
-    final, pruned = eval_losses(base / "eval_cpt.json"), eval_losses(base / "eval_pruned.json")
+    label = run_label(policy, args)
+    base = args.out / f"{label}-seed{seed}"
+    shared = args.out / ONE_SHOT if policy == ONE_SHOT else base  # the one-shot model is pruned once
+    final, pruned = eval_losses(base / "eval_cpt.json"), eval_losses(shared / "eval_pruned.json")
     if final is None and pruned is None:
         return None
-    row: dict = {"policy": policy, "seed": seed, "cpt": final, "pruned": pruned}
-    times = {p.name: float(p.read_text()) for p in (base / "stages").glob("*")}
+    row: dict = {"policy": label, "seed": seed, "cpt": final, "pruned": pruned}
+    times = {p.name: float(p.read_text()) for folder in {base, shared} for p in (folder / "stages").glob("*")}
     row["runtime_s"] = sum(times.values())
-    run = base / ("train" if policy == SCRATCH else "prune")
+    run = base / {SCRATCH: "train", ONE_SHOT: "cpt"}.get(policy, "prune")
+    if not (run / "data_usage.json").exists():  # one-shot before its continued pretraining: no training data
+        return row
     usage = json.loads((run / "data_usage.json").read_text())
     row["data_usage"] = {d: v["fraction"] for d, v in usage["domains"].items()}
     schedule = read_schedule(run)
@@ -189,7 +229,7 @@ def collect(policy: str, seed: int, args: argparse.Namespace) -> dict | None:
         row["reference_first_change_step"] = next(
             (r["step"] for r in schedule if r.get("reference_losses")
              and any(abs(r["reference_losses"][d] - references[0][d]) > 0 for d in references[0])), None)
-    if policy != SCRATCH:
+    if policy not in (SCRATCH, ONE_SHOT):
         row["first_evals"] = first_evals(run)
     return row
 
@@ -210,7 +250,7 @@ def _row_cells(rows: list[dict], key: str, domains: list[str]) -> tuple[list[str
 
 def write_markdown(results: list[dict], args: argparse.Namespace, path: Path, revision: str) -> None:
     domains = list(results[0]["cpt"] or results[0]["pruned"])
-    names = [p for p in (*POLICIES, SCRATCH) if any(r["policy"] == p for r in results)]
+    names = list(dict.fromkeys(r["policy"] for r in results))
     lines = [
         f"SmolLM2-135M → 20 layers, d 384, 6/2 heads, FFN 1024 (50.3M). Pruning {args.steps} steps, then "
         f"{args.cpt_steps} steps of continued pretraining (global batch 4 × 128 tokens), data update every "
@@ -228,7 +268,8 @@ def write_markdown(results: list[dict], args: argparse.Namespace, path: Path, re
     for name in names:
         rows = [r for r in results if r["policy"] == name]
         for key, label in (("pruned", "pruned"), ("cpt", "+ continued" if name != SCRATCH else "trained")):
-            have = [r for r in rows if r.get(key)]
+            one_model = key == "pruned" and name == ONE_SHOT  # deterministic: one model, whatever the seed
+            have = [r for r in (rows[:1] if one_model else rows) if r.get(key)]
             if not have:
                 continue
             cells, avg, worst = _row_cells(have, key, domains)
@@ -239,9 +280,10 @@ def write_markdown(results: list[dict], args: argparse.Namespace, path: Path, re
     lines += ["", "Data usage during pruning (fraction of training tokens, mean over seeds; paper Table 3):", "",
               "| policy | " + " | ".join(domains) + " |", "|---|" + "---:|" * len(domains)]
     for name in names:
-        rows = [r for r in results if r["policy"] == name]
-        lines.append(f"| {name} | " + " | ".join(f"{_mean([r['data_usage'][d] for r in rows]):.3f}"
-                                                 for d in domains) + " |")
+        rows = [r for r in results if r["policy"] == name and "data_usage" in r]
+        if rows:
+            lines.append(f"| {name} | " + " | ".join(f"{_mean([r['data_usage'][d] for r in rows]):.3f}"
+                                                     for d in domains) + " |")
     lines += ["", "Reference-loss change during pruning (last update − first, mean over seeds; the first is "
               "the source model's loss for every policy with references):", "",
               "| policy | first change at step | " + " | ".join(domains) + " |",
@@ -278,7 +320,10 @@ def main() -> None:
     parser.add_argument("--cpt-policies", nargs="*", default=list(POLICIES), choices=POLICIES,
                         help="the policies whose pruned models also get continued pretraining (default all)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[17, 18])
-    parser.add_argument("--policies", nargs="+", default=[*POLICIES, SCRATCH], choices=[*POLICIES, SCRATCH])
+    parser.add_argument("--policies", nargs="+", default=[*POLICIES, SCRATCH],
+                        choices=[*POLICIES, SCRATCH, ONE_SHOT])
+    parser.add_argument("--init", choices=("uniform", "importance"), default="uniform",
+                        help="how the pruning runs' gates start (l0_module.init)")
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--report-only", action="store_true", help="tabulate the runs that have finished")
     args = parser.parse_args()
@@ -293,6 +338,8 @@ def main() -> None:
         for policy, seed in runs:  # seed by seed, so a partial ablation still compares every policy
             if policy == SCRATCH:
                 run_scratch(seed, args, source, data)
+            elif policy == ONE_SHOT:
+                run_one_shot(seed, args, source, data)
             else:
                 run_policy(policy, seed, args, source, data)
     results = [row for policy, seed in runs if (row := collect(policy, seed, args)) is not None]
