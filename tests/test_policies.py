@@ -6,8 +6,14 @@ import numpy as np
 import pytest
 
 from drpruning.dro import dro_proportions
-from drpruning.policies import (ConstantPolicy, DROPolicy, Observation, ShearedPolicy, drift_reference_ratio,
-                                make_policy)
+from drpruning.policies import (
+    ConstantPolicy,
+    DROPolicy,
+    Observation,
+    ShearedPolicy,
+    drift_reference_ratio,
+    make_policy,
+)
 
 P0 = np.array([0.67, 0.15, 0.045, 0.045, 0.045, 0.025, 0.02])
 REFERENCE = np.array([1.96, 2.12, 0.75, 2.14, 1.76, 1.44, 1.61])
