@@ -40,8 +40,9 @@ import torch.nn.functional as F
 from composer.utils import dist
 from streaming import LocalDataset
 from torch import Tensor, nn
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from drpruning.data_checks import check_tokenizer
 from drpruning.data_prep import load_manifest, select_domains
 from drpruning.errors import ConfigError
 from drpruning.prunable import decoder_layers
@@ -111,6 +112,16 @@ class CalibrationConfig:
         out["domains"] = None if self.domains is None else list(self.domains)
         out.pop("device")  # where the pass runs does not change what it measures
         return out
+
+
+def check_calibration_tokenizer(config: CalibrationConfig, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Refuse calibration data tokenized with another tokenizer than the run's (importance would be measured
+    on token ids that mean other text)."""
+    try:
+        manifest = load_manifest(config.data_dir)
+    except (FileNotFoundError, ValueError) as error:
+        raise CalibrationError(f"calibration data: {error}") from None
+    check_tokenizer(manifest, config.data_dir, tokenizer, "l0_module.calibration")
 
 
 def calibration_sequences(config: CalibrationConfig) -> tuple[Tensor, dict[str, int]]:

@@ -16,7 +16,7 @@ from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
 from drpruning.errors import ConfigError
-from drpruning.importance import CalibrationConfig
+from drpruning.importance import CalibrationConfig, check_calibration_tokenizer
 from drpruning.masks import L0Module
 from drpruning.prunable import make_prunable
 from drpruning.shapes import ModelShape
@@ -104,6 +104,8 @@ class DRPruningCausalLM(ComposerHFCausalLM):
                 calibration = CalibrationConfig.from_dict(l0_module.get("calibration"))
             elif l0_module.get("calibration") is not None:
                 raise ConfigError("l0_module.calibration is only read with l0_module.init: importance")
+        if calibration is not None and tokenizer is not None:
+            check_calibration_tokenizer(calibration, tokenizer)
         super().__init__(tokenizer=tokenizer, pretrained_model_name_or_path=pretrained_model_name_or_path, **kwargs)
         self.shape = ModelShape.from_hf_config(self.model.config)
         self.domain_stats = DomainStats()

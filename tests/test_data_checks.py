@@ -80,3 +80,12 @@ def test_eval_domains_refuses_data_of_another_tokenizer_in_one_line(assets, tmp_
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"eval_domains: error: {assets['data']} was tokenized with another tokenizer")
     assert len(err.splitlines()) == 1
+
+
+def test_importance_calibration_refuses_data_of_another_tokenizer(assets):
+    from drpruning.importance import CalibrationConfig, check_calibration_tokenizer
+
+    config = CalibrationConfig(data_dir=str(assets["data"]))
+    check_calibration_tokenizer(config, AutoTokenizer.from_pretrained(str(assets["tokenizer"])))
+    with pytest.raises(ConfigError, match="l0_module.calibration: .* was tokenized with another tokenizer"):
+        check_calibration_tokenizer(config, AutoTokenizer.from_pretrained(str(assets["other"])))

@@ -18,6 +18,7 @@ from drpruning.importance import (
     calibration_sequences,
     compute_importance,
     importance_for_run,
+    write_importance,
 )
 from drpruning.masks import L0Module, gate_scores
 from drpruning.model import DRPruningCausalLM
@@ -224,6 +225,8 @@ def test_run_importance_is_cached_and_reused_only_for_the_same_settings(tiny_ass
     model = AutoModelForCausalLM.from_pretrained(tiny_assets / "llama_gqa")
     config = _calibration(tiny_assets)
     first = importance_for_run(model, config, tmp_path, source="src")
+    assert not (tmp_path / "importance.pt").exists(), "the callback writes it at FIT_START, not the pass"
+    write_importance(first, tmp_path)
     summary = json.loads((tmp_path / "importance.json").read_text())
     assert summary["cost"]["sequences"] == 8 and summary["cost"]["forward_passes"] == 1
     assert summary["meta"]["sequences_per_domain"] == {"prose": 2, "code": 2, "math": 2, "facts": 2}
@@ -268,14 +271,15 @@ def test_callback_orders_gates_at_init_and_a_resumed_run_keeps_its_checkpointed_
     run = tmp_path / "run"
     model = _composer_model(tiny_assets)
     trainer = _trainer(model, run, max_duration="2ba", save_interval="2ba")
+    assert not (run / "importance.pt").exists(), "nothing is written into the run folder before FIT_START"
+    ordered = {n: p.detach().clone() for n, p in model.l0_module.gates.items()}
+    trainer.fit()
     step0 = torch.load(run / "masks" / "ba0.pt")
     importance = torch.load(run / "importance.pt", weights_only=False)["scores"]
     for name, mask in step0.items():  # the step-0 target masks are the importance top-k
         keep = model.l0_module.keep[name]
         top = importance[name].argsort(dim=-1, descending=True, stable=True)[..., :keep]
         assert torch.equal(mask, torch.zeros_like(mask).scatter_(-1, top, 1.0)), name
-    ordered = {n: p.detach().clone() for n, p in model.l0_module.gates.items()}
-    trainer.fit()
     trained = {n: p.detach().clone() for n, p in model.l0_module.gates.items()}
     assert any(not torch.equal(trained[n], ordered[n]) for n in trained), "training should move the gates"
     trainer.close()
