@@ -124,7 +124,7 @@ def run_policy(policy: str, seed: int, args: argparse.Namespace, source: Path, d
     base = args.out / f"{name}-seed{seed}"
     prune, pruned, cpt = base / "prune", base / "pruned", base / "cpt"
     done = base / "stages"
-    init = [] if args.init == "uniform" else [
+    init = ["model.l0_module.init=uniform", "model.l0_module.calibration=null"] if args.init == "uniform" else [
         "model.l0_module.init=importance", f"model.l0_module.calibration.data_dir={data}",
         *(f"model.l0_module.calibration.{key}={value}" for key, value in CALIBRATION.items())]
     stage(done / "prune", f"{name} seed {seed} prune", lambda: composer_train(
