@@ -14,8 +14,7 @@ What is measured (forward only, on a few packed sequences; every sum in float64)
   carries into each block's input and the LM head, i.e. what the blocks read of it (norm weights included).
 - `layer` [L], `layer_measure`:
   - `cosine` (default): E_tokens[1 − cos(h_in, h_out)] of each decoder block, ShortGPT's Block Influence.
-    It comes from the same single pass, and on the demo (SmolLM2-135M → 20 layers) its one-shot model
-    scores better than the drop-loss choice (docs/results.md), which costs L more passes.
+    It comes from the same single pass; the drop-loss measure below costs L more passes.
   - `drop_loss`: mean LM loss with the block skipped (output := input) minus the full model's, L extra passes.
 Sequences are the first ⌈N/D⌉ or ⌊N/D⌋ of a seeded permutation of each domain's split (equal shares: the
 mixture's proportions are not known before the train loader exists), so a pass is a pure function of
