@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from drpruning.shapes import ModelShape, ShapeError, module_sizes, target_shape
+from drpruning.shapes import PRUNING_MODULES, ModelShape, ShapeError, module_sizes, target_shape
 
 STRETCH_LOW, STRETCH_HIGH = -0.1, 1.1
 TEMPERATURE = 2.0 / 3.0
@@ -73,7 +73,7 @@ class L0Module(nn.Module):
         self,
         source: ModelShape,
         target: Mapping[str, Any],
-        pruning_modules: Iterable[str] = ("layer", "head", "intermediate", "hidden"),
+        pruning_modules: Iterable[str] = PRUNING_MODULES,
         lagrangian_warmup: int | str = 0,
         init_log_alpha: float = LOG_ALPHA_BOUND,
         eval_masks: str = "current",
@@ -136,12 +136,7 @@ class L0Module(nn.Module):
         heads = scores.get("head", ones(src.n_layers, src.n_kv_heads)).sum(-1)
         units = scores.get("intermediate", ones(src.n_layers, src.intermediate_size)).sum(-1)
         dims = scores.get("hidden", ones(src.hidden_size)).sum()
-        hd, g = src.head_dim, src.heads_per_group
-        attention = heads * (dims * hd * (2 * g + 2) + src.qkv_bias * hd * (g + 2)) + src.o_bias * dims
-        mlp = 3 * dims * units + src.mlp_bias * (2 * units + dims)
-        per_layer = attention + mlp + 2 * dims
-        embeddings = src.vocab_size * dims * (1 if src.tie_embeddings else 2)
-        return (layer * per_layer).sum() + embeddings + dims
+        return (layer * src.params_per_layer(heads, units, dims)).sum() + src.params_outside_layers(dims)
 
     def scores(self) -> dict[str, Tensor]:
         return {m: gate_scores(log_alpha) for m, log_alpha in self.gates.items()}

@@ -27,7 +27,9 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-GRANULARITIES = ("layer", "head", "intermediate", "hidden")
+from drpruning.shapes import PRUNING_MODULES
+
+GRANULARITIES = PRUNING_MODULES
 EXPECTED_SPARSITY = "loss/train/expected_sparsity/"
 TARGET_SPARSITY = "loss/train/target_sparsity/"
 LAMBDA_1 = "loss/train/lambda_1/"

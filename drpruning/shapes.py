@@ -85,12 +85,22 @@ class ModelShape:
 
     def num_params(self) -> int:
         """Exact parameter count of the HF model of this shape (equals `sum(p.numel())`)."""
-        d, hd, g, k = self.hidden_size, self.head_dim, self.heads_per_group, self.n_kv_heads
-        attention = k * (d * hd * (2 * g + 2) + self.qkv_bias * hd * (g + 2)) + self.o_bias * d
-        mlp = 3 * d * self.intermediate_size + self.mlp_bias * (2 * self.intermediate_size + d)
-        layer = attention + mlp + 2 * d
-        embeddings = self.vocab_size * d * (1 if self.tie_embeddings else 2)
-        return self.n_layers * layer + embeddings + d
+        per_layer = self.params_per_layer(self.n_kv_heads, self.intermediate_size, self.hidden_size)
+        return self.n_layers * per_layer + self.params_outside_layers(self.hidden_size)
+
+    # The one parameter-count formula. Written for plain numbers and for tensors alike, so the L0 module's
+    # expected size (soft counts of KV groups, FFN units and hidden dims) uses exactly this arithmetic.
+    def params_per_layer(self, kv_groups: Any, units: Any, dims: Any) -> Any:
+        """One decoder layer with `kv_groups` KV groups (their query heads), `units` FFN units, `dims` hidden
+        dims, with this model's head_dim, heads per group and biases: attention + MLP + two norms."""
+        hd, g = self.head_dim, self.heads_per_group
+        attention = kv_groups * (dims * hd * (2 * g + 2) + self.qkv_bias * hd * (g + 2)) + self.o_bias * dims
+        mlp = 3 * dims * units + self.mlp_bias * (2 * units + dims)
+        return attention + mlp + 2 * dims
+
+    def params_outside_layers(self, dims: Any) -> Any:
+        """Embeddings (and the LM head unless tied) plus the final norm, at `dims` hidden dims."""
+        return self.vocab_size * dims * (1 if self.tie_embeddings else 2) + dims
 
 
 def target_shape(source: ModelShape, target: Mapping[str, Any], pruning_modules: Iterable[str]) -> ModelShape:

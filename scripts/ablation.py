@@ -35,7 +35,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-POLICIES = ("constant", "sheared", "dro", "drpruning")
+sys.path.insert(0, str(REPO))  # run as a script from a checkout: the drpruning next to it
+
+from drpruning.policies import POLICY_NAMES  # noqa: E402
+from drpruning.shapes import PRUNING_MODULES  # noqa: E402
+
+POLICIES = POLICY_NAMES
 SCRATCH = "scratch"
 ONE_SHOT = "one-shot"
 ONE_SHOT_CPT_POLICY = "drpruning"  # the demo's continued-pretraining schedule
@@ -104,7 +109,7 @@ def scratch_model(source: Path, out: Path) -> None:
 
     config = AutoConfig.from_pretrained(source)
     shape = target_shape(ModelShape.from_hf_config(config), TARGET,
-                         ("layer", "head", "intermediate", "hidden"))
+                         PRUNING_MODULES)
     for key, value in shape.hf_config_updates().items():
         setattr(config, key, value)
     staging = out.with_name(out.name + ".partial")

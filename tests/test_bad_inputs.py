@@ -21,7 +21,7 @@ from drpruning.data_prep import main as prepare_data_main
 from drpruning.evaluation import main as eval_domains_main
 from drpruning.export import main as prune_to_dense_main
 from drpruning.tiny import make_tiny_tokenizer, tiny_documents
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 pytestmark = pytest.mark.slow
 

@@ -24,7 +24,7 @@ import psutil
 import pytest
 import torch
 
-from tests.conftest import REPO, run_training
+from tests.helpers import REPO, run_training
 
 pytestmark = pytest.mark.slow
 

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 from drpruning.importance import CalibrationConfig, calibrate
 from drpruning.masks import L0Module
 from drpruning.shapes import ModelShape
-from tests.conftest import REPO, run_training
+from tests.helpers import REPO, run_training
 
 pytestmark = pytest.mark.slow
 

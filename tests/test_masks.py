@@ -9,10 +9,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from drpruning.masks import L0Module, gate_scores, sample_gates, top_k_mask
-from drpruning.shapes import ModelShape, ShapeError, target_shape
+from drpruning.shapes import PRUNING_MODULES, ModelShape, ShapeError, target_shape
 from drpruning.tiny_models import tiny_config
 
-ALL = ("layer", "head", "intermediate", "hidden")
+ALL = PRUNING_MODULES
 
 
 @pytest.mark.parametrize(

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from drpruning.plots import RunData, main, mask_convergence, mask_similarity, metric_curves, plot_run
+from drpruning.shapes import PRUNING_MODULES
 
 DOMAINS = ["wiki", "code"]
-MODULES = ["layer", "head", "intermediate", "hidden"]
+MODULES = list(PRUNING_MODULES)
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 FULL_RUN_FIGURES = ["data_schedule.png", "sparsity.png", "lambdas.png", "train_losses.png", "eval_loss.png",
                     "mask_convergence.png"]  # fmt: skip

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -28,9 +30,14 @@ def _groups(model, lambda_lr=-1.0, gate_lr=1.0, split=True):
                               {"params": gates, "lr": gate_lr}], lr=1e-4)
 
 
-def test_correct_groups_pass():
+def test_correct_groups_pass_and_leave_the_optimizer_unchanged():
     model = _Model()
-    check_optimizer_groups(model, _groups(model))
+    optimizer = _groups(model)
+    before = [(len(g["params"]), g["lr"]) for g in optimizer.param_groups]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # own learning rates for masks and multipliers: not even a warning
+        check_optimizer_groups(model, optimizer)
+    assert [(len(g["params"]), g["lr"]) for g in optimizer.param_groups] == before
 
 
 def test_multipliers_without_ascent_are_rejected():

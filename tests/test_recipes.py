@@ -33,6 +33,7 @@ from omegaconf import OmegaConf as om
 from torch.distributed.fsdp import ShardingStrategy
 
 from drpruning.masks import L0Module
+from drpruning.policies import POLICY_NAMES
 from drpruning.pruning_callback import check_optimizer_groups
 from drpruning.scheduler import DataScheduler
 from drpruning.shapes import ModelShape, target_shape
@@ -42,7 +43,7 @@ REPO = Path(__file__).resolve().parents[1]
 PAPER_RECIPES = sorted((REPO / "yamls").glob("*.yaml"))
 TINY_RECIPES = sorted((REPO / "yamls" / "tiny").glob("*.yaml"))
 ALL_RECIPES = PAPER_RECIPES + TINY_RECIPES
-POLICIES = ("constant", "sheared", "dro", "drpruning")
+POLICIES = POLICY_NAMES
 
 LLAMA2_7B = {
     "model_type": "llama", "hidden_size": 4096, "num_attention_heads": 32, "num_key_value_heads": 32,

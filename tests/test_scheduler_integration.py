@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from tests.conftest import REPO, run_training
+from tests.helpers import REPO, run_training
 
 pytestmark = pytest.mark.slow
 
@@ -35,11 +35,14 @@ def test_scheduler_updates_reach_every_rank_and_move_domain_counts(tiny_assets, 
     updates = [json.loads(line) for line in (run / "schedule.jsonl").read_text().splitlines()]
     assert [u["step"] for u in updates] == [4, 8, 12, 16]
     by_batch = {r["batch"]: [float.fromhex(p) for p in r["proportions"]] for r in ranks[0]}
+    before = by_batch[0]  # the initial proportions, in force until the first update takes effect
     for update in updates[:-1]:
         effective = update["effective_batch"]
         assert effective == update["step"] + 2, "lag = num_workers * prefetch_factor"
+        assert by_batch[effective - 1] == before, f"update of step {update['step']} took effect early"
         assert by_batch[effective] == list(update["proportions"].values())
-        assert by_batch[effective - 1] != by_batch[effective] or update is not updates[0]
+        before = by_batch[effective]
+    assert by_batch[updates[0]["effective_batch"]] != by_batch[0], "the first DRO update must move the mixture"
 
     def prose_fraction(batches):
         domains = [d for r in (0, 1) for rec in ranks[r] if rec["batch"] in batches for d in rec["domains"]]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from drpruning.evaluation import evaluate_domains
-from tests.conftest import run_training
+from tests.helpers import run_training
 
 pytestmark = pytest.mark.slow
 
