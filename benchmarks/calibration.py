@@ -1,4 +1,4 @@
-"""Cost of the importance calibration pass (drpruning/importance.py) relative to one pruning train step.
+"""Cost of the importance calibration pass (drpruning/pruning/importance.py) relative to one pruning train step.
 
 One train step = the masked model's (`drpruning_causal_lm` with all four pruning modules) forward, loss +
 Lagrangian, backward and AdamW step at the run's batch. The calibration pass = `compute_importance` over
@@ -36,7 +36,7 @@ DEMO_TARGET = {"n_layers": 20, "hidden_size": 384, "n_heads": 6, "n_kv_heads": 2
 
 def prepare(root: Path) -> Path:
     """A random ~125M Llama with a tiny tokenizer in `root/model` (when no --model is given)."""
-    from drpruning.tiny import make_tiny_tokenizer
+    from drpruning.demo.tiny import make_tiny_tokenizer
 
     torch.manual_seed(0)
     LlamaForCausalLM(LlamaConfig(**SHAPE)).save_pretrained(root / "model")
@@ -47,7 +47,7 @@ def prepare(root: Path) -> Path:
 def build(model_dir: Path, target: dict, device: str):
     from transformers import AutoTokenizer
 
-    from drpruning.model import DRPruningCausalLM
+    from drpruning.pruning.model import DRPruningCausalLM
 
     model = DRPruningCausalLM(tokenizer=AutoTokenizer.from_pretrained(model_dir),
                               pretrained_model_name_or_path=str(model_dir), pretrained=True, use_train_metrics=False,
@@ -72,7 +72,7 @@ def train_step(model, optimizer, batch: dict, device: str) -> None:
 
 
 def calibration_pass(model, sequences: torch.Tensor, batch_size: int, device: str) -> None:
-    from drpruning.importance import compute_importance
+    from drpruning.pruning.importance import compute_importance
 
     compute_importance(model.model, sequences, batch_size=batch_size, device=device)
 
@@ -120,7 +120,7 @@ def main() -> None:
                         help="pruning target of the train step (default: the demo's with --model, else 9/512/6/2/1024)")
     parser.add_argument("--memory-only", choices=["train", "calibrate"])
     args = parser.parse_args()
-    from drpruning.one_shot import parse_target
+    from drpruning.export.one_shot import parse_target
 
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model or prepare(Path(tmp))

@@ -48,9 +48,9 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from a bare copy of the repository (no install)
     sys.path.insert(0, str(REPO))
 
-from drpruning.masks import L0Module  # noqa: E402
-from drpruning.prunable import MaskState, make_prunable  # noqa: E402
-from drpruning.shapes import ModelShape  # noqa: E402
+from drpruning.pruning.masks import L0Module  # noqa: E402
+from drpruning.pruning.prunable import MaskState, make_prunable  # noqa: E402
+from drpruning.pruning.shapes import ModelShape  # noqa: E402
 
 KINDS = ("stock", "masked")
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from drpruning.tiny import make_tiny_tokenizer
+from drpruning.demo.tiny import make_tiny_tokenizer
 
 SHAPE = dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
              num_key_value_heads=4, head_dim=64, vocab_size=32000, max_position_embeddings=2048)
@@ -38,7 +38,7 @@ def build(kind: str, model_dir: Path, tokenizer_dir: Path, device: str):
     from llmfoundry.models.hf.hf_causal_lm import ComposerHFCausalLM
     from transformers import AutoTokenizer
 
-    from drpruning.model import DRPruningCausalLM
+    from drpruning.pruning.model import DRPruningCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     common = dict(tokenizer=tokenizer, pretrained_model_name_or_path=str(model_dir), pretrained=True,

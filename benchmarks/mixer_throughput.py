@@ -20,9 +20,9 @@ from streaming import Stream, StreamingDataset
 from streaming.base.util import clean_stale_shared_memory
 from torch.utils.data import DataLoader
 
-from drpruning.data_prep import load_manifest
-from drpruning.mixer import DomainBatchSampler, DomainMixtureDataset, build_domain_mixture_dataloader
-from drpruning.tiny import make_tiny_mds
+from drpruning.data.mixer import DomainBatchSampler, DomainMixtureDataset, build_domain_mixture_dataloader
+from drpruning.data.prepare import load_manifest
+from drpruning.demo.tiny import make_tiny_mds
 
 WARMUP_BATCHES = 5
 

@@ -21,7 +21,7 @@ import time  # noqa: E402
 import numpy as np  # noqa: E402
 from threadpoolctl import threadpool_limits  # noqa: E402
 
-from drpruning.policies import Observation, make_policy  # noqa: E402
+from drpruning.scheduling.policies import Observation, make_policy  # noqa: E402
 
 DOMAINS = 8
 HISTORY = 64

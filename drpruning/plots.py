@@ -27,7 +27,7 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from drpruning.shapes import PRUNING_MODULES
+from drpruning.pruning.shapes import PRUNING_MODULES
 
 GRANULARITIES = PRUNING_MODULES
 EXPECTED_SPARSITY = "loss/train/expected_sparsity/"

@@ -37,14 +37,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from a checkout: the drpruning next to it
 
-from drpruning.policies import POLICY_NAMES  # noqa: E402
-from drpruning.shapes import PRUNING_MODULES  # noqa: E402
+from drpruning.pruning.shapes import PRUNING_MODULES  # noqa: E402
+from drpruning.scheduling.policies import POLICY_NAMES  # noqa: E402
 
 POLICIES = POLICY_NAMES
 SCRATCH = "scratch"
 ONE_SHOT = "one-shot"
 ONE_SHOT_CPT_POLICY = "drpruning"  # the demo's continued-pretraining schedule
-CALIBRATION = {"num_sequences": 32, "seed": 0}  # the defaults of drpruning.importance.CalibrationConfig
+CALIBRATION = {"num_sequences": 32, "seed": 0}  # the defaults of drpruning.pruning.importance.CalibrationConfig
 PRUNE_YAML, CPT_YAML = "yamls/demo/prune_smollm2.yaml", "yamls/demo/cpt_smollm2.yaml"
 TARGET = {"n_layers": 20, "hidden_size": 384, "n_heads": 6, "n_kv_heads": 2, "intermediate_size": 1024}
 
@@ -105,7 +105,7 @@ def scratch_model(source: Path, out: Path) -> None:
     """A config of the target shape (from the source's config) and the source tokenizer: random init."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from drpruning.shapes import ModelShape, target_shape
+    from drpruning.pruning.shapes import ModelShape, target_shape
 
     config = AutoConfig.from_pretrained(source)
     shape = target_shape(ModelShape.from_hf_config(config), TARGET,

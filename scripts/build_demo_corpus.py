@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Rebuild the shipped multi-domain demo corpus (drpruning/demo_corpus/) from Debian packages.
+"""Rebuild the shipped multi-domain demo corpus (drpruning/demo/corpus/) from Debian packages.
 
 Provenance, not a build step: the demo and the tests read the committed copy. Running this with the
 same Debian package versions gives byte-identical files (gzip mtime 0, stable ordering), so anyone

@@ -73,13 +73,13 @@ def main() -> None:
     eval_sequences = 4 if args.quick else 8
 
     def source() -> None:
-        from drpruning.smollm2 import materialize
+        from drpruning.demo.smollm2 import materialize
 
         materialize(out / "source")
 
     def data() -> None:
-        from drpruning.data_prep import prepare_data
-        from drpruning.demo_corpus import domain_path, domains
+        from drpruning.data.prepare import prepare_data
+        from drpruning.demo.corpus import domain_path, domains
 
         prepare_data({d: str(domain_path(d)) for d in domains()}, out / "source", out / "data", seq_len=128,
                      eval_sequences=eval_sequences, overwrite=True)
@@ -103,7 +103,7 @@ def main() -> None:
         (out / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
 
     def report() -> None:
-        from drpruning.demo_report import write_report
+        from drpruning.demo.report import write_report
 
         write_report(out)
 

@@ -5,7 +5,7 @@
 import argparse
 from pathlib import Path
 
-from drpruning.tiny_models import make_tiny_assets
+from drpruning.demo.tiny import make_tiny_assets
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)

@@ -13,7 +13,7 @@ import logging
 import sys
 from pathlib import Path
 
-from drpruning.smollm2 import DEFAULT_OUT, SmolLM2Error, config_summary, materialize
+from drpruning.demo.smollm2 import DEFAULT_OUT, SmolLM2Error, config_summary, materialize
 
 
 def main() -> int:

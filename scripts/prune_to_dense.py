@@ -4,12 +4,12 @@ Example:
     python scripts/prune_to_dense.py runs/prune-smollm2 models/smollm2-pruned [--overwrite] [--no-verify]
 
 RUN_OR_CHECKPOINT is a run folder (its latest checkpoint), a Composer checkpoint file, or a sharded
-(FSDP) checkpoint folder. See drpruning/export.py.
+(FSDP) checkpoint folder. See drpruning/export/dense.py.
 """
 
 import sys
 
-from drpruning.export import main
+from drpruning.export.dense import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from drpruning.tiny_models import make_tiny_assets
+from drpruning.demo.tiny import make_tiny_assets
 
 
 @pytest.fixture(scope="session")

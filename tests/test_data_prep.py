@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from streaming import LocalDataset
 
-from drpruning.data_prep import (
+from drpruning.data.prepare import (
     DataPrepError,
     load_manifest,
     main,
@@ -18,7 +18,7 @@ from drpruning.data_prep import (
     resolve_domain_files,
     token_dtype_for_vocab,
 )
-from drpruning.tiny import make_tiny_corpus, make_tiny_tokenizer, tiny_documents
+from drpruning.demo.tiny import make_tiny_corpus, make_tiny_tokenizer, tiny_documents
 
 SEQ_LEN = 32
 EVAL_SEQUENCES = 4

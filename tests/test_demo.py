@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from drpruning import demo_corpus
+from drpruning.demo import corpus as demo_corpus
 from tests.helpers import REPO
 
 pytestmark = pytest.mark.slow

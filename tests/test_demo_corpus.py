@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from drpruning import demo_corpus
+from drpruning.demo import corpus as demo_corpus
 
 REPO = Path(__file__).resolve().parents[1]
 MIN_DOCUMENTS = 100

@@ -14,8 +14,8 @@ from omegaconf import OmegaConf
 from streaming import LocalDataset
 from transformers import AutoTokenizer
 
-from drpruning.domain_eval import expand_domain_eval
-from drpruning.tiny import make_tiny_mds
+from drpruning.data.domain_eval import expand_domain_eval
+from drpruning.demo.tiny import make_tiny_mds
 
 SEQ_LEN = 32
 EVAL_SEQUENCES = 6

@@ -11,8 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from drpruning.tiny import make_tiny_tokenizer
-from drpruning.tiny_models import save_tiny_model
+from drpruning.demo.tiny import make_tiny_tokenizer, save_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 TASK_FILE = REPO / "yamls" / "eval" / "tasks" / "tiny_mc.jsonl"

@@ -4,7 +4,12 @@ import numpy as np
 import pytest
 from scipy.optimize import minimize
 
-from drpruning.dro import dro_proportions, half_chi_square, normalise_within_bounds, worst_case_proportions
+from drpruning.scheduling.dro import (
+    dro_proportions,
+    half_chi_square,
+    normalise_within_bounds,
+    worst_case_proportions,
+)
 
 REDPAJAMA_P0 = np.array([0.67, 0.045, 0.045, 0.02, 0.045, 0.025, 0.15])
 

@@ -13,9 +13,8 @@ import torch
 from streaming import LocalDataset
 from transformers import AutoModelForCausalLM
 
+from drpruning.demo.tiny import make_tiny_mds, save_tiny_model
 from drpruning.evaluation import evaluate_domains, main
-from drpruning.tiny import make_tiny_mds
-from drpruning.tiny_models import save_tiny_model
 
 SEQ_LEN = 32
 EVAL_SEQUENCES = 5

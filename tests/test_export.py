@@ -15,13 +15,12 @@ import torch
 from composer import Trainer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from drpruning.export import ExportError, export_run, main, prune_to_dense, pruning_summary
-from drpruning.model import DRPruningCausalLM
-from drpruning.prunable import MaskState, make_prunable
-from drpruning.pruning_callback import PruningCallback
-from drpruning.shapes import PRUNING_MODULES, ModelShape
-from drpruning.tiny import make_tiny_tokenizer
-from drpruning.tiny_models import tiny_model
+from drpruning.demo.tiny import make_tiny_tokenizer, tiny_model
+from drpruning.export.dense import ExportError, export_run, main, prune_to_dense, pruning_summary
+from drpruning.pruning.callback import PruningCallback
+from drpruning.pruning.model import DRPruningCausalLM
+from drpruning.pruning.prunable import MaskState, make_prunable
+from drpruning.pruning.shapes import PRUNING_MODULES, ModelShape
 
 REPO = Path(__file__).resolve().parents[1]
 ATOL = 1e-4
@@ -332,7 +331,7 @@ def test_bad_inputs_fail_with_clear_messages(pruning_run, tmp_path, capsys):
 
 
 def test_failed_verification_leaves_nothing(pruning_run, tmp_path, monkeypatch):
-    import drpruning.export as export
+    import drpruning.export.dense as export
 
     def corrupted(model, masks):
         dense = prune_to_dense(model, masks)

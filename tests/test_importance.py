@@ -11,7 +11,11 @@ from composer import Trainer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from drpruning import importance as importance_module
-from drpruning.importance import (
+from drpruning.demo.tiny import tiny_model
+from drpruning.export.one_shot import main as one_shot_main
+from drpruning.export.one_shot import one_shot_prune
+from drpruning.pruning.callback import PruningCallback
+from drpruning.pruning.importance import (
     CalibrationConfig,
     CalibrationError,
     calibrate,
@@ -20,14 +24,10 @@ from drpruning.importance import (
     importance_for_run,
     write_importance,
 )
-from drpruning.masks import L0Module, gate_scores
-from drpruning.model import DRPruningCausalLM
-from drpruning.one_shot import main as one_shot_main
-from drpruning.one_shot import one_shot_prune
-from drpruning.prunable import make_prunable
-from drpruning.pruning_callback import PruningCallback
-from drpruning.shapes import ModelShape, ShapeError
-from drpruning.tiny_models import tiny_model
+from drpruning.pruning.masks import L0Module, gate_scores
+from drpruning.pruning.model import DRPruningCausalLM
+from drpruning.pruning.prunable import make_prunable
+from drpruning.pruning.shapes import ModelShape, ShapeError
 
 TARGET = {"n_layers": 3, "hidden_size": 48, "n_heads": 4, "n_kv_heads": 1, "intermediate_size": 96}
 SEQUENCES = torch.randint(3, 300, (6, 16), generator=torch.Generator().manual_seed(0))

@@ -11,9 +11,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from drpruning.importance import CalibrationConfig, calibrate
-from drpruning.masks import L0Module
-from drpruning.shapes import ModelShape
+from drpruning.pruning.importance import CalibrationConfig, calibrate
+from drpruning.pruning.masks import L0Module
+from drpruning.pruning.shapes import ModelShape
 from tests.helpers import REPO, run_training
 
 pytestmark = pytest.mark.slow

@@ -8,9 +8,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from drpruning.masks import L0Module, gate_scores, sample_gates, top_k_mask
-from drpruning.shapes import PRUNING_MODULES, ModelShape, ShapeError, target_shape
-from drpruning.tiny_models import tiny_config
+from drpruning.demo.tiny import tiny_config
+from drpruning.pruning.masks import L0Module, gate_scores, sample_gates, top_k_mask
+from drpruning.pruning.shapes import PRUNING_MODULES, ModelShape, ShapeError, target_shape
 
 ALL = PRUNING_MODULES
 

@@ -18,7 +18,7 @@ from scipy.stats import chisquare
 from streaming import LocalDataset
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from drpruning.mixer import (
+from drpruning.data.mixer import (
     BATCHES_PER_EPOCH,
     DomainBatchSampler,
     DomainMixtureDataset,
@@ -26,7 +26,7 @@ from drpruning.mixer import (
     collate_mixture_batch,
     seeded_permutation,
 )
-from drpruning.tiny import make_tiny_mds, make_tiny_tokenizer
+from drpruning.demo.tiny import make_tiny_mds, make_tiny_tokenizer
 
 GLOBAL_BATCH = 8
 

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from drpruning.model import DomainStats, DRPruningCausalLM
-from drpruning.pruning_callback import PruningCallback
+from drpruning.pruning.callback import PruningCallback
+from drpruning.pruning.model import DomainStats, DRPruningCausalLM
 
 TARGET = {"n_layers": 3, "hidden_size": 48, "n_heads": 4, "n_kv_heads": 1, "intermediate_size": 96}
 

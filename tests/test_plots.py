@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from drpruning.plots import RunData, main, mask_convergence, mask_similarity, metric_curves, plot_run
-from drpruning.shapes import PRUNING_MODULES
+from drpruning.pruning.shapes import PRUNING_MODULES
 
 DOMAINS = ["wiki", "code"]
 MODULES = list(PRUNING_MODULES)

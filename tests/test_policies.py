@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from drpruning.dro import dro_proportions
-from drpruning.policies import (
+from drpruning.scheduling.dro import dro_proportions
+from drpruning.scheduling.policies import (
     ConstantPolicy,
     DROPolicy,
     Observation,

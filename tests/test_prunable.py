@@ -8,9 +8,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from drpruning.prunable import make_prunable
-from drpruning.shapes import ModelShape
-from drpruning.tiny_models import tiny_model
+from drpruning.demo.tiny import tiny_model
+from drpruning.pruning.prunable import make_prunable
+from drpruning.pruning.shapes import ModelShape
 
 CASES = [
     ("llama_mha", {}),

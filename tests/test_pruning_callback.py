@@ -7,10 +7,10 @@ import warnings
 import pytest
 import torch
 
-from drpruning.masks import L0Module
-from drpruning.pruning_callback import check_optimizer_groups
-from drpruning.shapes import ModelShape
-from drpruning.tiny_models import tiny_config
+from drpruning.demo.tiny import tiny_config
+from drpruning.pruning.callback import check_optimizer_groups
+from drpruning.pruning.masks import L0Module
+from drpruning.pruning.shapes import ModelShape
 
 
 class _Model(torch.nn.Module):

@@ -32,12 +32,12 @@ from omegaconf import DictConfig
 from omegaconf import OmegaConf as om
 from torch.distributed.fsdp import ShardingStrategy
 
-from drpruning.masks import L0Module
-from drpruning.policies import POLICY_NAMES
-from drpruning.pruning_callback import check_optimizer_groups
-from drpruning.scheduler import DataScheduler
-from drpruning.shapes import ModelShape, target_shape
-from drpruning.tiny_models import tiny_config, tiny_model
+from drpruning.demo.tiny import tiny_config, tiny_model
+from drpruning.pruning.callback import check_optimizer_groups
+from drpruning.pruning.masks import L0Module
+from drpruning.pruning.shapes import ModelShape, target_shape
+from drpruning.scheduling.policies import POLICY_NAMES
+from drpruning.scheduling.scheduler import DataScheduler
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER_RECIPES = sorted((REPO / "yamls").glob("*.yaml"))

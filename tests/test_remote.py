@@ -18,10 +18,10 @@ from omegaconf import OmegaConf
 from streaming import LocalDataset, MDSWriter
 from transformers import AutoTokenizer
 
-from drpruning.data_prep import prepare_data
-from drpruning.mixer import DomainBatchSampler, DomainMixtureDataset, collate_mixture_batch
-from drpruning.remote import CachedSplit, RemoteDataError, fetch_manifest, upload_prepared
-from drpruning.tiny import make_tiny_corpus, make_tiny_tokenizer
+from drpruning.data.mixer import DomainBatchSampler, DomainMixtureDataset, collate_mixture_batch
+from drpruning.data.prepare import prepare_data
+from drpruning.data.remote import CachedSplit, RemoteDataError, fetch_manifest, upload_prepared
+from drpruning.demo.tiny import make_tiny_corpus, make_tiny_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 SEQ_LEN, GLOBAL_BATCH = 32, 8

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from drpruning.scaling_law import fit_scaling_law, predict_final_loss
+from drpruning.scheduling.scaling_law import fit_scaling_law, predict_final_loss
 
 TOTAL_TOKENS = 48_000 * 2**20  # continued pretraining: 48k steps of 1M tokens
 

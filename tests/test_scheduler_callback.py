@@ -14,9 +14,9 @@ import torch
 from composer.core import Time
 
 import drpruning.runs
-import drpruning.scheduler
-from drpruning.dro import dro_proportions
-from drpruning.scheduler import DataScheduler
+import drpruning.scheduling.scheduler
+from drpruning.scheduling.dro import dro_proportions
+from drpruning.scheduling.scheduler import DataScheduler
 
 DOMAINS = ["cc", "github", "wiki"]
 P0 = [0.6, 0.3, 0.1]
@@ -341,7 +341,7 @@ def test_two_ranks_hold_identical_state(tmp_path: Path, monkeypatch: pytest.Monk
                 objects[0] = mailbox.pop(0)
 
     fake = FakeDist()
-    monkeypatch.setattr(drpruning.scheduler, "dist", fake)
+    monkeypatch.setattr(drpruning.scheduling.scheduler, "dist", fake)
     monkeypatch.setattr(drpruning.runs, "dist", fake)
     runs = {rank: Run(tmp_path / f"rank{rank}", world_size=2) for rank in (0, 1)}
     callbacks = {rank: scheduler() for rank in (0, 1)}
@@ -357,7 +357,7 @@ def test_two_ranks_hold_identical_state(tmp_path: Path, monkeypatch: pytest.Monk
     single = Run(tmp_path / "single")
     single.folder.mkdir()
     fake.rank = 0
-    monkeypatch.setattr(drpruning.scheduler, "dist", SimpleNamespace(
+    monkeypatch.setattr(drpruning.scheduling.scheduler, "dist", SimpleNamespace(
         get_global_rank=lambda: 0, all_reduce=lambda tensor, reduce_operation="SUM": None,
         broadcast_object_list=lambda objects, src=0: None))
     train(scheduler(), single, 0, MAX_BATCHES, eval_interval=20)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from drpruning import smollm2
+from drpruning.demo import smollm2
 
 ROUND_TRIP = [
     "The quick brown fox jumps over the lazy dog.",

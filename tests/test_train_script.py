@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf as om
 
-from drpruning.data_prep import prepare_data
+from drpruning.data.mixer import DomainMixtureDataset
+from drpruning.data.prepare import prepare_data
+from drpruning.demo.tiny import make_tiny_corpus, make_tiny_tokenizer
 from drpruning.errors import ConfigError
-from drpruning.mixer import DomainMixtureDataset
-from drpruning.scheduler import DataScheduler
-from drpruning.tiny import make_tiny_corpus, make_tiny_tokenizer
+from drpruning.scheduling.scheduler import DataScheduler
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "yamls" / "tiny" / "prune_llama_gqa.yaml")

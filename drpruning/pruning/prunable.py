@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 
-from drpruning.shapes import ModelShape
+from drpruning.pruning.shapes import ModelShape
 
 
 class MaskedRMSNorm(nn.Module):

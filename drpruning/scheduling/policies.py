@@ -14,9 +14,10 @@ from typing import Any
 
 import numpy as np
 
-from drpruning.dro import dro_proportions, normalise_within_bounds, validate_proportions
+from drpruning.distributions import validate_proportions
 from drpruning.errors import ConfigError
-from drpruning.scaling_law import predict_final_loss
+from drpruning.scheduling.dro import dro_proportions, normalise_within_bounds
+from drpruning.scheduling.scaling_law import predict_final_loss
 
 POLICY_NAMES = ("constant", "sheared", "dro", "drpruning")
 

@@ -18,10 +18,10 @@ from composer.loggers import Logger
 from composer.utils import dist
 
 from drpruning.errors import ConfigError
-from drpruning.importance import Importance, importance_for_run, write_importance
-from drpruning.masks import L0Module
+from drpruning.pruning.importance import Importance, importance_for_run, write_importance
+from drpruning.pruning.masks import L0Module
+from drpruning.pruning.shapes import module_sizes
 from drpruning.runs import check_run_folder, run_folder, start_run_in_folder, unwrap_model, write_json
-from drpruning.shapes import module_sizes
 
 # Logged at every eval: mean kept units per row of each mask, and the parameter count of the scored model.
 EVAL_KEPT_PREFIX = "metrics/eval_masks/kept/"

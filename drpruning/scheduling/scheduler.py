@@ -21,9 +21,8 @@ from composer.core import Callback, State, TimeUnit
 from composer.loggers import Logger
 from composer.utils import dist
 
-from drpruning.dro import validate_proportions
+from drpruning.distributions import validate_proportions
 from drpruning.errors import ConfigError
-from drpruning.policies import Observation, Policy, make_policy
 from drpruning.runs import (
     append_jsonl,
     check_run_folder,
@@ -33,6 +32,7 @@ from drpruning.runs import (
     unwrap_model,
     write_json,
 )
+from drpruning.scheduling.policies import Observation, Policy, make_policy
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ _STATE_VERSION = 1
 
 
 class DataScheduler(Callback):
-    """Per-domain data proportions from `constant`, `sheared`, `dro` or `drpruning` (see `drpruning.policies`).
+    """Per-domain data proportions from `constant`, `sheared`, `dro` or `drpruning` (see `drpruning.scheduling.policies`).
 
     Args (the yaml keys of the `data_scheduler` callback):
         policy: `constant | sheared | dro | drpruning`.
@@ -55,7 +55,7 @@ class DataScheduler(Callback):
         initial_proportions: `{domain: p}` or a list in the mixer's domain order; default the mixer's.
         dynamic_reference_loss / dynamic_reference_ratio: default on for `drpruning`, off otherwise.
         rho, delta, ratio_bound, reference_loss_start, reference_ratio_start, min_points, max_history:
-            DRO and DRPruning settings (`drpruning.policies.DROPolicy`).
+            DRO and DRPruning settings (`drpruning.scheduling.policies.DROPolicy`).
         ema: λ of the train-loss EMA.
         clamp_ratio_to_initial_range: after the drift, also keep p_R within [min p0, max p0] (reference
             code, on in the paper's runs; with uniform p0 it freezes p_R).

@@ -1,6 +1,6 @@
 """Deterministic masks → a dense, stock Hugging Face model that computes the same logits.
 
-The masked forward (`drpruning/prunable.py`) multiplies activations by mask values; a dense model can only
+The masked forward (`drpruning/pruning/prunable.py`) multiplies activations by mask values; a dense model can only
 drop units. So pruned units (value 0) are removed and the values of kept units, which need not be 1, are
 folded into the weights that produce or consume the masked activation:
 - hidden h: embedding columns and every RMSNorm weight (the residual stream is h-scaled from the start),
@@ -37,9 +37,9 @@ from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from drpruning.errors import ConfigError
-from drpruning.masks import L0Module
-from drpruning.prunable import make_prunable
-from drpruning.shapes import PRUNING_MODULES, TARGET_KEYS, ModelShape, ShapeError
+from drpruning.pruning.masks import L0Module
+from drpruning.pruning.prunable import make_prunable
+from drpruning.pruning.shapes import PRUNING_MODULES, TARGET_KEYS, ModelShape, ShapeError
 
 log = logging.getLogger(__name__)
 
@@ -517,7 +517,7 @@ def dense_export(
 ) -> tuple[PreTrainedModel, dict[str, Any]]:
     """The dense model of `l0_module.target_masks()` and its `pruning.json` summary, logits checked.
 
-    Shared by checkpoint export and one-shot pruning (`drpruning/one_shot.py`), so both keep units the same
+    Shared by checkpoint export and one-shot pruning (`drpruning/export/one_shot.py`), so both keep units the same
     way, write the same summary and pass the same verification."""
     masks = l0_module.target_masks()
     dense = prune_to_dense(model, masks)

@@ -40,7 +40,7 @@ from streaming import MDSWriter
 from tqdm import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from drpruning.data_checks import FINGERPRINT_KEY, tokenizer_fingerprint
+from drpruning.data.checks import FINGERPRINT_KEY, tokenizer_fingerprint
 from drpruning.errors import ConfigError, DataDirError
 
 MANIFEST_NAME = "manifest.json"

@@ -41,11 +41,11 @@ from streaming import LocalDataset
 from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from drpruning.data_checks import check_tokenizer
-from drpruning.data_prep import load_manifest, select_domains
+from drpruning.data.checks import check_tokenizer
+from drpruning.data.prepare import load_manifest, select_domains
 from drpruning.errors import ConfigError
-from drpruning.prunable import decoder_layers
-from drpruning.shapes import ModelShape
+from drpruning.pruning.prunable import decoder_layers
+from drpruning.pruning.shapes import ModelShape
 
 log = logging.getLogger(__name__)
 

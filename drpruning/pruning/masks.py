@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from drpruning.shapes import PRUNING_MODULES, ModelShape, ShapeError, module_sizes, target_shape
+from drpruning.pruning.shapes import PRUNING_MODULES, ModelShape, ShapeError, module_sizes, target_shape
 
 STRETCH_LOW, STRETCH_HIGH = -0.1, 1.1
 TEMPERATURE = 2.0 / 3.0

@@ -10,12 +10,11 @@ the constraint tight, found by bisection (D is non-decreasing in η). All arithm
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import numpy as np
 
+from drpruning.distributions import validate_proportions
+
 _BISECTION_STEPS = 200
-_SUM_TOLERANCE = 1e-6
 
 
 def half_chi_square(q: np.ndarray, p: np.ndarray) -> float:
@@ -26,23 +25,6 @@ def half_chi_square(q: np.ndarray, p: np.ndarray) -> float:
     if np.any(q[~support] > 0):
         return float("inf")
     return float(0.5 * np.sum((q[support] - p[support]) ** 2 / p[support]))
-
-
-def validate_proportions(values: Sequence[float] | np.ndarray, num_domains: int | None = None,
-                         name: str = "proportions") -> np.ndarray:
-    """A float64 copy of `values` if it is a distribution (finite, ≥ 0, sums to 1 within 1e-6).
-
-    Not renormalised, so saved state round-trips bit for bit; callers that sample renormalise."""
-    array = np.asarray(values, dtype=np.float64)
-    if array.ndim != 1 or array.size == 0:
-        raise ValueError(f"{name} must be a non-empty list, got shape {array.shape}")
-    if num_domains is not None and array.size != num_domains:
-        raise ValueError(f"{name} has {array.size} entries but there are {num_domains} domains")
-    if not np.all(np.isfinite(array)) or np.any(array < 0):
-        raise ValueError(f"{name} must be finite and non-negative, got {array.tolist()}")
-    if abs(array.sum() - 1.0) > _SUM_TOLERANCE:
-        raise ValueError(f"{name} must sum to 1, got {array.sum():.8f}")
-    return array
 
 
 def _as_distribution(p: np.ndarray | list[float], name: str) -> np.ndarray:

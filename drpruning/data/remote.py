@@ -36,7 +36,7 @@ from streaming.base.local import LocalDataset
 from streaming.base.storage import CloudDownloader, CloudUploader
 from streaming.base.stream import Stream
 
-from drpruning.data_prep import MANIFEST_NAME
+from drpruning.data.prepare import MANIFEST_NAME
 
 REMOTE_MARKER = ".remote"
 DEFAULT_DOWNLOAD_TIMEOUT = 60.0
@@ -203,7 +203,7 @@ def upload_prepared(local_dir: str | Path, remote: str) -> list[str]:
 def prepare_data_main(argv: Sequence[str] | None = None) -> int:
     """scripts/prepare_data.py: data_prep's command line plus `--remote URL`, which uploads the finished
     `--out` folder there."""
-    from drpruning.data_prep import build_arg_parser, main
+    from drpruning.data.prepare import build_arg_parser, main
 
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_arg_parser()

@@ -16,10 +16,10 @@ from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
 from drpruning.errors import ConfigError
-from drpruning.importance import CalibrationConfig, check_calibration_tokenizer
-from drpruning.masks import L0Module
-from drpruning.prunable import make_prunable
-from drpruning.shapes import ModelShape
+from drpruning.pruning.importance import CalibrationConfig, check_calibration_tokenizer
+from drpruning.pruning.masks import L0Module
+from drpruning.pruning.prunable import make_prunable
+from drpruning.pruning.shapes import ModelShape
 
 IGNORE_INDEX = -100
 
@@ -81,7 +81,7 @@ class DRPruningCausalLM(ComposerHFCausalLM):
             lagrangian_warmup: 640ba
             eval_masks: current            # evals score the current expected size; `target`: the final shape
             init: uniform                  # the paper; `importance`: gates ordered by a calibration pass
-            calibration: {data_dir: DIR}   # init: importance only (drpruning/importance.py: CalibrationConfig)
+            calibration: {data_dir: DIR}   # init: importance only (drpruning/pruning/importance.py: CalibrationConfig)
     """
 
     def __init__(

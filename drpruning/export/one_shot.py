@@ -2,7 +2,7 @@
 
 The baseline that pruning runs are compared with (Minitron, LLM-Pruner and Torch-Pruning rank units this
 way). It takes exactly the path a run with `l0_module.init: importance` takes before its first step, the
-same calibration pass (`drpruning.importance.calibrate`) and the same gate ordering
+same calibration pass (`drpruning.pruning.importance.calibrate`) and the same gate ordering
 (`L0Module.order_gates_`), and exports through the checkpoint exporter's code (`dense_export`,
 `save_export`): same unit selection, same `pruning.json`, same logit verification.
 
@@ -23,10 +23,10 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM
 
-from drpruning.export import ExportError, _check_out_dir, dense_export, save_export
-from drpruning.importance import LAYER_MEASURES, CalibrationConfig, CalibrationError, calibrate
-from drpruning.masks import IMPORTANCE_BAND, L0Module
-from drpruning.shapes import PRUNING_MODULES, TARGET_KEYS, ModelShape, ShapeError
+from drpruning.export.dense import ExportError, _check_out_dir, dense_export, save_export
+from drpruning.pruning.importance import LAYER_MEASURES, CalibrationConfig, CalibrationError, calibrate
+from drpruning.pruning.masks import IMPORTANCE_BAND, L0Module
+from drpruning.pruning.shapes import PRUNING_MODULES, TARGET_KEYS, ModelShape, ShapeError
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ becomes `eval_loaders: [{label: a, name: text, dataset: {local: DIR/a, split: ev
 evaluators are labelled `eval/<domain>` and `state.eval_metrics['eval/<domain>']` holds each domain's loss.
 Using foundry's own loader keeps eval batches and metrics exactly as foundry computes them. With
 `remote: URL` (any remote streaming reads), each loader gets `remote: URL/a` and DIR is the local cache
-that streaming downloads the eval shards into (the manifest is fetched first, see drpruning/remote.py).
+that streaming downloads the eval shards into (the manifest is fetched first, see drpruning/data/remote.py).
 
 Foundry runs every registered transform on every train config (after moving a list-valued `eval_loader` to
 `eval_loaders`), so configs without a `domain_eval` block are returned unchanged. `eval_from_yaml` applies
@@ -22,10 +22,10 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from drpruning.data_checks import check_seq_len, check_tokenizer, tokenizer_from_config
-from drpruning.data_prep import load_manifest, select_domains
+from drpruning.data.checks import check_seq_len, check_tokenizer, tokenizer_from_config
+from drpruning.data.prepare import load_manifest, select_domains
+from drpruning.data.remote import fetch_manifest, join_remote
 from drpruning.errors import ConfigError, DataDirError
-from drpruning.remote import fetch_manifest, join_remote
 
 BLOCK_NAME = "domain_eval"
 _BLOCK_KEYS = {

@@ -30,11 +30,11 @@ from streaming import LocalDataset
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from transformers import PreTrainedTokenizerBase
 
-from drpruning.data_checks import check_seq_len, check_tokenizer
-from drpruning.data_prep import load_manifest, select_domains
-from drpruning.dro import validate_proportions as check_distribution
+from drpruning.data.checks import check_seq_len, check_tokenizer
+from drpruning.data.prepare import load_manifest, select_domains
+from drpruning.data.remote import CachedSplit, fetch_manifest, join_remote
+from drpruning.distributions import proportions_in_domain_order
 from drpruning.errors import ConfigError
-from drpruning.remote import CachedSplit, fetch_manifest, join_remote
 
 STATE_FORMAT_VERSION = 1
 BATCHES_PER_EPOCH = 1 << 40
@@ -42,29 +42,6 @@ BATCHES_PER_EPOCH = 1 << 40
 
 _FEISTEL_ROUNDS = 6
 _COUNT_CACHE_SIZE = 256
-
-
-def validate_proportions(
-    proportions: Mapping[str, float] | Sequence[float] | np.ndarray, domains: Sequence[str]
-) -> np.ndarray:
-    """Proportions as a float64 vector in `domains` order, normalised exactly; bad input raises ValueError."""
-    if isinstance(proportions, Mapping):
-        unknown = sorted(set(proportions) - set(domains))
-        if unknown:
-            raise ConfigError(f"proportions name unknown domain(s) {unknown}; known domains: {list(domains)}")
-        missing = [d for d in domains if d not in proportions]
-        if missing:
-            raise ConfigError(f"proportions miss domain(s) {missing}; give one value for each of {list(domains)}")
-        values = np.array([float(proportions[d]) for d in domains], dtype=np.float64)
-    else:
-        values = np.asarray(proportions, dtype=np.float64).reshape(-1)
-        if len(values) != len(domains):
-            raise ConfigError(f"got {len(values)} proportions for {len(domains)} domains {list(domains)}")
-    try:
-        values = check_distribution(values)
-    except ValueError as error:
-        raise ConfigError(str(error)) from None
-    return values / values.sum()
 
 
 def _mix64(x: np.ndarray) -> np.ndarray:
@@ -237,7 +214,7 @@ class DomainMixtureDataset(Dataset):
     """Map-style dataset over per-domain MDS train splits, indexed by (domain, index) pairs.
 
     Holds the proportion schedule (the API the data scheduler drives) and Composer's dataset-state protocol.
-    With `remote`, the prepared folder lives there and `data_dir` is its local cache (drpruning/remote.py).
+    With `remote`, the prepared folder lives there and `data_dir` is its local cache (drpruning/data/remote.py).
     """
 
     def __init__(
@@ -266,7 +243,7 @@ class DomainMixtureDataset(Dataset):
         self.initial_proportions = (
             np.full(len(selected), 1.0 / len(selected))
             if proportions is None
-            else validate_proportions(proportions, selected)
+            else proportions_in_domain_order(proportions, selected)
         )
         self.max_seq_len = max_seq_len or seq_len
         self.vocab_size = int(manifest["vocab_size"])
@@ -294,7 +271,7 @@ class DomainMixtureDataset(Dataset):
     ) -> int:
         """Use `proportions` from global batch `at_batch` (default: the first batch not yet requested by the
         dataloader, i.e. consumed + lag) on; returns that batch. Call with identical arguments on every rank."""
-        values = validate_proportions(proportions, self.domains)
+        values = proportions_in_domain_order(proportions, self.domains)
         return self.plan.schedule(values, self.plan.next_batch if at_batch is None else int(at_batch))
 
     def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:

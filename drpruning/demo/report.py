@@ -12,7 +12,7 @@ MODELS = ("source", "pruned", "continued")
 
 
 def _params(model_dir: Path) -> int | None:
-    from drpruning.shapes import ModelShape
+    from drpruning.pruning.shapes import ModelShape
 
     config_file = model_dir / "config.json"
     if not config_file.is_file():
