@@ -22,9 +22,15 @@ from composer.loggers import Logger, LoggerDestination
 from composer.utils import dist
 from composer.utils.file_helpers import format_name_with_dist
 
-from drpruning.runs import check_run_folder, keep_jsonl_lines, move_aside, run_folder, start_run_in_folder
+from drpruning.runs import (
+    METRICS_FILE,
+    check_run_folder,
+    keep_jsonl_lines,
+    move_aside,
+    run_folder,
+    start_run_in_folder,
+)
 
-METRICS_FILE = "metrics.jsonl"
 log = logging.getLogger(__name__)
 
 

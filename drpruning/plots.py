@@ -28,6 +28,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from drpruning.pruning.shapes import PRUNING_MODULES
+from drpruning.runs import DATA_USAGE_FILE, MASKS_DIR, MASKS_META_FILE, METRICS_FILE, SCHEDULE_FILE
 
 GRANULARITIES = PRUNING_MODULES
 EXPECTED_SPARSITY = "loss/train/expected_sparsity/"
@@ -124,15 +125,15 @@ class RunData:
 
     @classmethod
     def load(cls, run_dir: Path) -> RunData:
-        metrics_path = run_dir / "metrics.jsonl"
-        usage_path = run_dir / "data_usage.json"
-        meta_path = run_dir / "masks" / "meta.json"
+        metrics_path = run_dir / METRICS_FILE
+        usage_path = run_dir / DATA_USAGE_FILE
+        meta_path = run_dir / MASKS_DIR / MASKS_META_FILE
         run = cls(
             run_dir=run_dir,
-            schedule=read_jsonl(run_dir / "schedule.jsonl"),
+            schedule=read_jsonl(run_dir / SCHEDULE_FILE),
             metrics=metric_curves(read_jsonl(metrics_path)),
             has_metrics_file=metrics_path.exists(),
-            mask_curves=mask_convergence(run_dir / "masks"),
+            mask_curves=mask_convergence(run_dir / MASKS_DIR),
             data_usage=json.loads(usage_path.read_text(encoding="utf-8")) if usage_path.exists() else None,
             meta=json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.exists() else None,
         )

@@ -38,13 +38,30 @@ from drpruning.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
+# The run folder's layout, spelled once: the callbacks and the metrics logger write these names; export,
+# plots, the demo and the ablation script read them.
+METRICS_FILE = "metrics.jsonl"  # every logged metric, one JSON line per step (metrics_logger.py)
+SCHEDULE_FILE = "schedule.jsonl"  # one line per data-scheduler update (scheduling/scheduler.py)
+DATA_USAGE_FILE = "data_usage.json"  # tokens seen per domain (scheduling/scheduler.py)
+MASKS_DIR = "masks"  # target masks `ba<step>.pt` after each eval, and the pruning metadata (pruning/callback.py)
+MASKS_META_FILE = "meta.json"  # inside MASKS_DIR: source, shapes, pruning modules
+IMPORTANCE_FILE, IMPORTANCE_SUMMARY_FILE = "importance.pt", "importance.json"  # pruning/importance.py
+PLOTS_DIR = "plots"  # scripts/plot_run.py
+HF_CHECKPOINTS_DIR = "huggingface"  # LLM-Foundry's hf_checkpointer
+PRUNING_STATE_KEY = "PruningCallback"  # Composer keys a callback's checkpointed state by its class name
+
 REPLACED_PREFIX = ".replaced-"
 _CHECKPOINT = re.compile(r"^(ep\d+-ba\d+(-rank\d+)?|latest-rank\d+)(\.pt)?(\.tar)?(\.symlink)?$")
-_RUN_FILES = {"metrics.jsonl", "schedule.jsonl", "data_usage.json", "masks", "plots", "huggingface", "runtime_s.txt",
-              "importance.pt", "importance.json"}
+_RUN_FILES = {METRICS_FILE, SCHEDULE_FILE, DATA_USAGE_FILE, MASKS_DIR, PLOTS_DIR, HF_CHECKPOINTS_DIR, "runtime_s.txt",
+              IMPORTANCE_FILE, IMPORTANCE_SUMMARY_FILE}
 """What drpruning's callbacks, `hf_checkpointer`, `scripts/plot_run.py` and `scripts/ablation.py` write."""
 _CHECKED_ATTR = "_drpruning_run_folder_checked"
 _STARTED_ATTR = "_drpruning_run_folder_started"
+
+
+def masks_file(folder: Path, step: int) -> Path:
+    """The target masks dumped at `step` (after that step's eval; step 0: the importance-ordered start)."""
+    return folder / MASKS_DIR / f"ba{step}.pt"
 
 
 def run_folder(state: State) -> Path:

@@ -38,6 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from a checkout: the drpruning next to it
 
 from drpruning.pruning.shapes import PRUNING_MODULES  # noqa: E402
+from drpruning.runs import DATA_USAGE_FILE, METRICS_FILE, SCHEDULE_FILE  # noqa: E402
 from drpruning.scheduling.policies import POLICY_NAMES  # noqa: E402
 
 POLICIES = POLICY_NAMES
@@ -182,7 +183,7 @@ def run_scratch(seed: int, args: argparse.Namespace, source: Path, data: Path) -
 
 
 def read_schedule(run: Path) -> list[dict]:
-    path = run / "schedule.jsonl"
+    path = run / SCHEDULE_FILE
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
@@ -198,7 +199,7 @@ def first_evals(run: Path) -> dict[str, float]:
     by_step: dict[int, dict[str, float]] = {}
     params: dict[int, float] = {}
     prefix, suffix = "metrics/eval/", "/LanguageCrossEntropy"
-    for line in (run / "metrics.jsonl").read_text().splitlines():
+    for line in (run / METRICS_FILE).read_text().splitlines():
         record = json.loads(line)
         for key, value in record.items():
             if key.startswith(prefix) and key.endswith(suffix):
@@ -223,9 +224,9 @@ def collect(policy: str, seed: int, args: argparse.Namespace) -> dict | None:
     times = {p.name: float(p.read_text()) for folder in {base, shared} for p in (folder / "stages").glob("*")}
     row["runtime_s"] = sum(times.values())
     run = base / {SCRATCH: "train", ONE_SHOT: "cpt"}.get(policy, "prune")
-    if not (run / "data_usage.json").exists():  # one-shot before its continued pretraining: no training data
+    if not (run / DATA_USAGE_FILE).exists():  # one-shot before its continued pretraining: no training data
         return row
-    usage = json.loads((run / "data_usage.json").read_text())
+    usage = json.loads((run / DATA_USAGE_FILE).read_text())
     row["data_usage"] = {d: v["fraction"] for d, v in usage["domains"].items()}
     schedule = read_schedule(run)
     references = [r["reference_losses"] for r in schedule if r.get("reference_losses")]

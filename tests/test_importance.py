@@ -10,10 +10,10 @@ import torch
 from composer import Trainer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from drpruning import importance as importance_module
 from drpruning.demo.tiny import tiny_model
 from drpruning.export.one_shot import main as one_shot_main
 from drpruning.export.one_shot import one_shot_prune
+from drpruning.pruning import importance as importance_module
 from drpruning.pruning.callback import PruningCallback
 from drpruning.pruning.importance import (
     CalibrationConfig,

@@ -56,3 +56,10 @@ def test_masks_at_the_model_lr_warn():
     model = _Model()
     with pytest.warns(UserWarning, match="mask gates train at the model's lr"):
         check_optimizer_groups(model, _groups(model, gate_lr=1e-4))
+
+
+def test_export_finds_the_callback_state_under_the_key_composer_saves_it_by():
+    from drpruning.pruning.callback import PruningCallback
+    from drpruning.runs import PRUNING_STATE_KEY
+
+    assert PRUNING_STATE_KEY == PruningCallback.__name__  # Composer keys callback state by class name

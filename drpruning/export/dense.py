@@ -40,10 +40,10 @@ from drpruning.errors import ConfigError
 from drpruning.pruning.masks import L0Module
 from drpruning.pruning.prunable import make_prunable
 from drpruning.pruning.shapes import PRUNING_MODULES, TARGET_KEYS, ModelShape, ShapeError
+from drpruning.runs import MASKS_DIR, MASKS_META_FILE, PRUNING_STATE_KEY
 
 log = logging.getLogger(__name__)
 
-CALLBACK_STATE_KEY = "PruningCallback"
 MODEL_PREFIX = "model."  # ComposerHFCausalLM keeps the HF model as `.model`
 L0_PREFIX = "l0_module."
 GATES_PREFIX = L0_PREFIX + "gates."
@@ -345,14 +345,14 @@ def _load_composer_state(checkpoint: Path) -> dict[str, Any]:
 
 def _pruning_description(state: Mapping[str, Any], checkpoint: Path) -> dict[str, Any]:
     """The `PruningCallback` state in the checkpoint, else `masks/meta.json` of the run folder."""
-    saved = (state.get("callbacks") or {}).get(CALLBACK_STATE_KEY)
+    saved = (state.get("callbacks") or {}).get(PRUNING_STATE_KEY)
     if isinstance(saved, Mapping) and "l0" in saved:
         return dict(saved)
     for folder in (checkpoint.parent, checkpoint.parent.parent):
-        meta = folder / "masks" / "meta.json"
+        meta = folder / MASKS_DIR / MASKS_META_FILE
         if meta.is_file():
             return json.loads(meta.read_text(encoding="utf-8"))
-    raise ExportError(f"{checkpoint} has no {CALLBACK_STATE_KEY} state and no masks/meta.json next to it: "
+    raise ExportError(f"{checkpoint} has no {PRUNING_STATE_KEY} state and no masks/meta.json next to it: "
                       "cannot tell the pruning target (was the `pruning` callback in the run?)")  # fmt: skip
 
 

@@ -21,7 +21,16 @@ from drpruning.errors import ConfigError
 from drpruning.pruning.importance import Importance, importance_for_run, write_importance
 from drpruning.pruning.masks import L0Module
 from drpruning.pruning.shapes import module_sizes
-from drpruning.runs import check_run_folder, run_folder, start_run_in_folder, unwrap_model, write_json
+from drpruning.runs import (
+    MASKS_DIR,
+    MASKS_META_FILE,
+    check_run_folder,
+    masks_file,
+    run_folder,
+    start_run_in_folder,
+    unwrap_model,
+    write_json,
+)
 
 # Logged at every eval: mean kept units per row of each mask, and the parameter count of the scored model.
 EVAL_KEPT_PREFIX = "metrics/eval_masks/kept/"
@@ -90,8 +99,8 @@ class PruningCallback(Callback):
         folder = run_folder(state)
         write_importance(importance, folder)
         if self.save_masks:
-            (folder / "masks").mkdir(parents=True, exist_ok=True)
-            torch.save(self._one_shot_masks, folder / "masks" / "ba0.pt")
+            masks_file(folder, 0).parent.mkdir(parents=True, exist_ok=True)
+            torch.save(self._one_shot_masks, masks_file(folder, 0))
 
     def after_load(self, state: State, logger: Logger) -> None:
         check_run_folder(state)
@@ -103,7 +112,7 @@ class PruningCallback(Callback):
         start_run_in_folder(state)  # before the first write: an earlier run in the folder is refused or moved
         self._write_importance(state)
         if self.save_masks:
-            write_json(run_folder(state) / "masks" / "meta.json", self.metadata)
+            write_json(run_folder(state) / MASKS_DIR / MASKS_META_FILE, self.metadata)
 
     def batch_start(self, state: State, logger: Logger) -> None:
         self._l0(state)[1].train_step = int(state.timestamp.batch)
@@ -132,9 +141,9 @@ class PruningCallback(Callback):
         masks = l0.last_target_masks
         if not self.save_masks or step == 0 or masks is None or dist.get_global_rank() != 0:
             return
-        folder = run_folder(state) / "masks"
+        folder = run_folder(state)
         folder.mkdir(parents=True, exist_ok=True)
-        torch.save({m: t.detach().cpu() for m, t in masks.items()}, folder / f"ba{step}.pt")
+        torch.save({m: t.detach().cpu() for m, t in masks.items()}, masks_file(folder, step))
 
     def state_dict(self) -> dict[str, Any]:
         return dict(self.metadata)

@@ -46,12 +46,12 @@ from drpruning.data.prepare import load_manifest, select_domains
 from drpruning.errors import ConfigError
 from drpruning.pruning.prunable import decoder_layers
 from drpruning.pruning.shapes import ModelShape
+from drpruning.runs import IMPORTANCE_FILE, IMPORTANCE_SUMMARY_FILE
 
 log = logging.getLogger(__name__)
 
 LAYER_MEASURES = ("cosine", "drop_loss")
 FORMAT_VERSION = 1
-IMPORTANCE_FILE, SUMMARY_FILE = "importance.pt", "importance.json"
 _FINGERPRINT_STRIDE = 997  # every 997th weight of each tensor: enough to tell two checkpoints apart, cheap
 
 
@@ -442,4 +442,4 @@ def write_importance(importance: Importance, folder: Path) -> None:
     importance.save(folder / IMPORTANCE_FILE)
     summary = {"meta": importance.meta, "cost": importance.cost(), "layer_measure": importance.layer_measure,
                "layer": importance.scores["layer"].tolist()}  # fmt: skip
-    (folder / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    (folder / IMPORTANCE_SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")

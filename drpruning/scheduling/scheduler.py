@@ -24,6 +24,8 @@ from composer.utils import dist
 from drpruning.distributions import validate_proportions
 from drpruning.errors import ConfigError
 from drpruning.runs import (
+    DATA_USAGE_FILE,
+    SCHEDULE_FILE,
     append_jsonl,
     check_run_folder,
     keep_jsonl_lines,
@@ -36,8 +38,6 @@ from drpruning.scheduling.policies import Observation, Policy, make_policy
 
 log = logging.getLogger(__name__)
 
-SCHEDULE_FILE = "schedule.jsonl"
-DATA_USAGE_FILE = "data_usage.json"
 _EVAL_METRIC = "LanguageCrossEntropy"
 _STATE_VERSION = 1
 
