@@ -1,9 +1,13 @@
-"""User-facing errors: one exception class for "the configuration or input is wrong", and how scripts report it.
+"""Every error a user sees, in one place, and how scripts report them.
 
 Validation code raises `ConfigError` (a `ValueError`, so existing `except ValueError` callers keep
 working) for mistakes a user can fix from the message alone: a bad target, policy, proportions, reference
-losses, data folder, update interval, optimizer groups, run folder. The script entry points catch it and
-print `error: <message>` once instead of a traceback; anything else is a bug and keeps its traceback.
+losses, data folder, update interval, optimizer groups, run folder. Its subclasses name the stage that
+refused the input. The script entry points catch it and print `error: <message>` once instead of a
+traceback; anything else is a bug and keeps its traceback.
+
+The `RuntimeError`s below are about the world rather than the configuration: a checkpoint that cannot be
+exported, a remote file that does not match its index, a missing SmolLM2 package.
 """
 
 from __future__ import annotations
@@ -25,6 +29,30 @@ class ConfigError(ValueError):
 
 class DataDirError(ConfigError, FileNotFoundError):
     """A data folder that is missing or incomplete (also a `FileNotFoundError`, which older callers expect)."""
+
+
+class DataPrepError(ConfigError):
+    """Bad input to data preparation; the message names the offending file, domain or option."""
+
+
+class ShapeError(ConfigError):
+    """A target shape or pruning configuration that cannot be honoured."""
+
+
+class CalibrationError(ConfigError):
+    """Calibration settings or data that cannot produce an importance pass."""
+
+
+class ExportError(RuntimeError):
+    """The checkpoint, masks or output directory cannot produce a correct dense export."""
+
+
+class RemoteDataError(RuntimeError):
+    """A remote file that cannot be fetched or does not match its index; the message names it."""
+
+
+class SmolLM2Error(RuntimeError):
+    """The GGUF source is unavailable or the export does not match SmolLM2-135M."""
 
 
 def _global_rank() -> int:

@@ -13,7 +13,8 @@ import logging
 import sys
 from pathlib import Path
 
-from drpruning.demo.smollm2 import DEFAULT_OUT, SmolLM2Error, config_summary, materialize
+from drpruning.demo.smollm2 import DEFAULT_OUT, config_summary, materialize
+from drpruning.errors import SmolLM2Error
 
 
 def main() -> int:

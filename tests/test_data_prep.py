@@ -11,7 +11,6 @@ import pytest
 from streaming import LocalDataset
 
 from drpruning.data.prepare import (
-    DataPrepError,
     load_manifest,
     main,
     prepare_data,
@@ -19,6 +18,7 @@ from drpruning.data.prepare import (
     token_dtype_for_vocab,
 )
 from drpruning.demo.tiny import make_tiny_corpus, make_tiny_tokenizer, tiny_documents
+from drpruning.errors import DataPrepError
 
 SEQ_LEN = 32
 EVAL_SEQUENCES = 4

@@ -16,7 +16,8 @@ from composer import Trainer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from drpruning.demo.tiny import make_tiny_tokenizer, tiny_model
-from drpruning.export.dense import ExportError, export_run, main, prune_to_dense, pruning_summary
+from drpruning.errors import ExportError
+from drpruning.export.dense import export_run, main, prune_to_dense, pruning_summary
 from drpruning.pruning.callback import PruningCallback
 from drpruning.pruning.model import DRPruningCausalLM
 from drpruning.pruning.prunable import MaskState, make_prunable

@@ -11,13 +11,13 @@ from composer import Trainer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from drpruning.demo.tiny import tiny_model
+from drpruning.errors import CalibrationError, ShapeError
 from drpruning.export.one_shot import main as one_shot_main
 from drpruning.export.one_shot import one_shot_prune
 from drpruning.pruning import importance as importance_module
 from drpruning.pruning.callback import PruningCallback
 from drpruning.pruning.importance import (
     CalibrationConfig,
-    CalibrationError,
     calibrate,
     calibration_sequences,
     compute_importance,
@@ -27,7 +27,7 @@ from drpruning.pruning.importance import (
 from drpruning.pruning.masks import L0Module, gate_scores
 from drpruning.pruning.model import DRPruningCausalLM
 from drpruning.pruning.prunable import make_prunable
-from drpruning.pruning.shapes import ModelShape, ShapeError
+from drpruning.pruning.shapes import ModelShape
 
 TARGET = {"n_layers": 3, "hidden_size": 48, "n_heads": 4, "n_kv_heads": 1, "intermediate_size": 96}
 SEQUENCES = torch.randint(3, 300, (6, 16), generator=torch.Generator().manual_seed(0))

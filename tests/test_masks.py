@@ -9,8 +9,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from drpruning.demo.tiny import tiny_config
+from drpruning.errors import ShapeError
 from drpruning.pruning.masks import L0Module, gate_scores, sample_gates, top_k_mask
-from drpruning.pruning.shapes import PRUNING_MODULES, ModelShape, ShapeError, target_shape
+from drpruning.pruning.shapes import PRUNING_MODULES, ModelShape, target_shape
 
 ALL = PRUNING_MODULES
 

@@ -20,8 +20,9 @@ from transformers import AutoTokenizer
 
 from drpruning.data.mixer import DomainBatchSampler, DomainMixtureDataset, collate_mixture_batch
 from drpruning.data.prepare import prepare_data
-from drpruning.data.remote import CachedSplit, RemoteDataError, fetch_manifest, upload_prepared
+from drpruning.data.remote import CachedSplit, fetch_manifest, upload_prepared
 from drpruning.demo.tiny import make_tiny_corpus, make_tiny_tokenizer
+from drpruning.errors import RemoteDataError
 
 REPO = Path(__file__).resolve().parents[1]
 SEQ_LEN, GLOBAL_BATCH = 32, 8

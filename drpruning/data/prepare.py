@@ -41,7 +41,7 @@ from tqdm import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from drpruning.data.checks import FINGERPRINT_KEY, tokenizer_fingerprint
-from drpruning.errors import ConfigError, DataDirError
+from drpruning.errors import ConfigError, DataDirError, DataPrepError
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT_VERSION = 1
@@ -58,9 +58,6 @@ _SNIFF_BYTES = 1 << 13
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 SPLITS = ("train", "eval")
 
-
-class DataPrepError(ConfigError):
-    """Bad input to data preparation; the message names the offending file, domain or option."""
 
 
 @dataclass

@@ -37,14 +37,12 @@ from streaming.base.storage import CloudDownloader, CloudUploader
 from streaming.base.stream import Stream
 
 from drpruning.data.prepare import MANIFEST_NAME
+from drpruning.errors import RemoteDataError
 
 REMOTE_MARKER = ".remote"
 DEFAULT_DOWNLOAD_TIMEOUT = 60.0
 DEFAULT_DOWNLOAD_RETRY = 2
 
-
-class RemoteDataError(RuntimeError):
-    """A remote file that cannot be fetched or does not match its index; the message names it."""
 
 
 def join_remote(remote: str, *parts: str) -> str:

@@ -17,6 +17,8 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from drpruning.errors import SmolLM2Error
+
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
@@ -44,9 +46,6 @@ EXPECTED_SHAPE = {
     "tie_word_embeddings": True,
 }
 
-
-class SmolLM2Error(RuntimeError):
-    """The GGUF source is unavailable or the export does not match SmolLM2-135M."""
 
 
 def find_gguf() -> Path:

@@ -36,10 +36,10 @@ from accelerate import init_empty_weights
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from drpruning.errors import ConfigError
+from drpruning.errors import ConfigError, ExportError, ShapeError
 from drpruning.pruning.masks import L0Module
 from drpruning.pruning.prunable import make_prunable
-from drpruning.pruning.shapes import PRUNING_MODULES, TARGET_KEYS, ModelShape, ShapeError
+from drpruning.pruning.shapes import PRUNING_MODULES, TARGET_KEYS, ModelShape
 from drpruning.runs import MASKS_DIR, MASKS_META_FILE, PRUNING_STATE_KEY
 
 log = logging.getLogger(__name__)
@@ -65,9 +65,6 @@ _EXPORT_FILE = re.compile(
     r"|added_tokens\.json|vocab\.(json|txt)|merges\.txt|chat_template\.(jinja|json))$"
 )
 
-
-class ExportError(RuntimeError):
-    """The checkpoint, masks or output directory cannot produce a correct dense export."""
 
 
 # ---- masks → kept units ------------------------------------------------------------------------------

@@ -23,10 +23,11 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM
 
-from drpruning.export.dense import ExportError, _check_out_dir, dense_export, save_export
-from drpruning.pruning.importance import LAYER_MEASURES, CalibrationConfig, CalibrationError, calibrate
+from drpruning.errors import CalibrationError, ExportError, ShapeError
+from drpruning.export.dense import _check_out_dir, dense_export, save_export
+from drpruning.pruning.importance import LAYER_MEASURES, CalibrationConfig, calibrate
 from drpruning.pruning.masks import IMPORTANCE_BAND, L0Module
-from drpruning.pruning.shapes import PRUNING_MODULES, TARGET_KEYS, ModelShape, ShapeError
+from drpruning.pruning.shapes import PRUNING_MODULES, TARGET_KEYS, ModelShape
 
 log = logging.getLogger(__name__)
 

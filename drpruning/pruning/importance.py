@@ -43,7 +43,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from drpruning.data.checks import check_tokenizer
 from drpruning.data.prepare import load_manifest, select_domains
-from drpruning.errors import ConfigError
+from drpruning.errors import CalibrationError
 from drpruning.pruning.prunable import decoder_layers
 from drpruning.pruning.shapes import ModelShape
 from drpruning.runs import IMPORTANCE_FILE, IMPORTANCE_SUMMARY_FILE
@@ -54,9 +54,6 @@ LAYER_MEASURES = ("cosine", "drop_loss")
 FORMAT_VERSION = 1
 _FINGERPRINT_STRIDE = 997  # every 997th weight of each tensor: enough to tell two checkpoints apart, cheap
 
-
-class CalibrationError(ConfigError):
-    """Calibration settings or data that cannot produce an importance pass."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,7 +23,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from drpruning.pruning.shapes import PRUNING_MODULES, ModelShape, ShapeError, module_sizes, target_shape
+from drpruning.errors import ShapeError
+from drpruning.pruning.shapes import PRUNING_MODULES, ModelShape, module_sizes, target_shape
 
 STRETCH_LOW, STRETCH_HIGH = -0.1, 1.1
 TEMPERATURE = 2.0 / 3.0

@@ -10,15 +10,12 @@ import dataclasses
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from drpruning.errors import ConfigError
+from drpruning.errors import ShapeError
 
 PRUNING_MODULES = ("layer", "head", "intermediate", "hidden")
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
 TARGET_KEYS = ("n_layers", "hidden_size", "n_heads", "n_kv_heads", "intermediate_size")
 
-
-class ShapeError(ConfigError):
-    """A target shape or pruning configuration that cannot be honoured."""
 
 
 @dataclasses.dataclass(frozen=True)
