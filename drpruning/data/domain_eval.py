@@ -46,10 +46,16 @@ def domain_eval_loaders(
     tokenizer: PreTrainedTokenizerBase | None = None,
     remote: str | None = None,
 ) -> list[dict[str, Any]]:
-    """Stock `text` loader configs, one per domain (default: all, in manifest order), labelled by domain.
+    """Stock `text` loader configs, one per domain, labelled by domain.
 
-    `tokenizer` (the run's) is checked against the one the data was prepared with, when given.
-    With `remote`, `data_dir` is the local cache of the prepared folder at `remote`.
+    Args (also the keys of a `domain_eval` block, besides its `name`):
+        data_dir: a `prepare_data` output folder, or with `remote` the local cache of the one at `remote`.
+        max_seq_len: must equal the prepared length (default in a block: the config's `max_seq_len`).
+        domains: the domains to evaluate (default: all, in manifest order).
+        split: the prepared split to read (`eval`, or `train` to measure training loss).
+        num_workers, prefetch_factor, persistent_workers, pin_memory: as for `torch.utils.data.DataLoader`.
+        tokenizer: the run's tokenizer, checked against the one the data was prepared with, when given.
+        remote: any location mosaicml-streaming reads (s3://, gs://, a shared path, ...).
     """
     if remote is not None:
         fetch_manifest(remote, data_dir)

@@ -369,9 +369,21 @@ def build_domain_mixture_dataloader(
 ) -> DataSpec:
     """LLM-Foundry dataloader builder (`train_loader: {name: domain_mixture, ...}`).
 
-    `data_dir` is a `prepare_data` folder, or with `remote` (any remote streaming reads: s3://, gs://, a
-    shared path, ...) the local cache that its shards are downloaded into on first use. The global batch is `device_batch_size * world_size`; `lag` is `num_workers * prefetch_factor`, the
-    number of batches the DataLoader requests ahead. `pin_memory` defaults to "when CUDA is available".
+    Args (the keys of the `train_loader` block; foundry passes `tokenizer` and `device_batch_size`):
+        tokenizer: the run's tokenizer, checked against the one the data was prepared with.
+        device_batch_size: sequences per rank per batch; the global batch is `device_batch_size * world_size`.
+        data_dir: a `prepare_data` output folder, or with `remote` the local cache its shards download into.
+        domains: the domains to mix (default: all, in manifest order).
+        proportions: initial sampling proportions, a `{domain: p}` map or a list in `domains` order (default:
+            uniform). The `data_scheduler` callback replaces them as training runs.
+        seed: fixes which domain every sample slot draws and each domain's sample order; the same seed
+            gives the same batches on any number of ranks and workers.
+        max_seq_len: must equal the length the data was prepared with, when given.
+        num_workers, prefetch_factor, persistent_workers, timeout: as for `torch.utils.data.DataLoader`.
+            New proportions take effect `num_workers * prefetch_factor` batches after the batch that set
+            them (the batches the loader has already requested), identically on every rank.
+        pin_memory: default "when CUDA is available".
+        remote: any location mosaicml-streaming reads (s3://, gs://, a shared path, ...).
     """
     if device_batch_size != int(device_batch_size) or device_batch_size < 1:
         raise ConfigError(f"domain_mixture needs a positive integer device batch size, got {device_batch_size}")
