@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ast
 import importlib
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -32,3 +34,42 @@ def test_shapes_masks_and_distributions_import_without_composer() -> None:
             "print(heavy); sys.exit(1 if heavy else 0)")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _drpruning_imports(path: Path) -> set[str]:
+    """The drpruning modules a source file imports (at any depth, including TYPE_CHECKING blocks)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("drpruning"):
+            found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names if alias.name.startswith("drpruning"))
+    return found
+
+
+# Which parts of the library each part may import: the method's halves and the data they meet do not
+# reach into each other's maths or into export, and nothing in the library imports the demo.
+LAYERS = {
+    "pruning": {"pruning", "data", "errors", "runs", "distributions"},
+    "data": {"data", "errors", "runs", "distributions", "atomic"},
+    "scheduling": {"scheduling", "errors", "runs", "distributions"},
+    "export": {"export", "pruning", "errors", "runs", "atomic"},
+}
+
+
+@pytest.mark.parametrize("part", sorted(LAYERS))
+def test_imports_point_one_way(part: str) -> None:
+    offending = []
+    for path in sorted((REPO / "drpruning" / part).rglob("*.py")):
+        for module in _drpruning_imports(path):
+            target = module.split(".")[1] if "." in module else module
+            if target not in LAYERS[part]:
+                offending.append(f"{path.relative_to(REPO)} imports {module}")
+    assert not offending, "\n".join(offending)
+
+
+def test_nothing_in_the_library_imports_the_demo() -> None:
+    library = [p for p in (REPO / "drpruning").rglob("*.py") if "demo" not in p.relative_to(REPO).parts]
+    offending = [f"{p.relative_to(REPO)} imports {m}" for p in library for m in _drpruning_imports(p)
+                 if m.startswith("drpruning.demo")]
+    assert not offending, "\n".join(offending)
