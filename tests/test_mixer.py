@@ -24,8 +24,8 @@ from drpruning.data.mixer import (
     DomainMixtureDataset,
     build_domain_mixture_dataloader,
     collate_mixture_batch,
-    seeded_permutation,
 )
+from drpruning.data.mixture_plan import seeded_permutation
 from drpruning.demo.tiny import make_tiny_mds, make_tiny_tokenizer
 
 GLOBAL_BATCH = 8

@@ -9,6 +9,7 @@ from typing import Any
 _PUBLIC = {
     "prepare_data": "prepare",
     "load_manifest": "prepare",
+    "MixturePlan": "mixture_plan",
     "DomainMixtureDataset": "mixer",
     "build_domain_mixture_dataloader": "mixer",
     "domain_eval_loaders": "domain_eval",
