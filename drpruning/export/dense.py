@@ -70,7 +70,8 @@ class KeptUnits:
 
 
 def kept_units(shape: ModelShape, masks: Mapping[str, Tensor]) -> KeptUnits:
-    """Validate mask names and shapes, and that every kept layer keeps the same number of heads / units."""
+    """The kept indices and the dense model's shape, computed once per export; validates mask names and
+    shapes, and that every kept layer keeps the same number of heads / units."""
     unknown = sorted(set(masks) - set(PRUNING_MODULES))
     if unknown:
         raise ExportError(f"unknown masks {unknown}; masks are named {list(PRUNING_MODULES)}")
