@@ -2,7 +2,7 @@
 
 Goal: peak resident memory ≤ 2.5× the source model's weights on disk. Each conversion runs in a fresh
 process that reports its own `ru_maxrss`, so neither the checkpoint preparation nor earlier cases count;
-a process that only imports drpruning.export.dense gives the fixed cost of the Python/torch runtime.
+a process that only imports drpruning.export.convert gives the fixed cost of the Python/torch runtime.
 
     python benchmarks/export.py [--cases smollm2 llama1b] [--work runs/bench-export]
 
@@ -80,7 +80,7 @@ def prepare(case: str, work: Path) -> dict:
 def convert(checkpoint: str, out_dir: str) -> dict:
     """One export in this process; returns wall time and this process's peak RSS."""
     start = time.perf_counter()
-    from drpruning.export.dense import export_run
+    from drpruning.export.convert import export_run
 
     imported = time.perf_counter()
     export_run(checkpoint, out_dir, overwrite=True)
@@ -97,7 +97,7 @@ def convert(checkpoint: str, out_dir: str) -> dict:
 
 
 def baseline() -> dict:
-    import drpruning.export.dense  # noqa: F401 - the runtime cost every conversion pays
+    import drpruning.export.convert  # noqa: F401 - the runtime cost every conversion pays
 
     return {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 

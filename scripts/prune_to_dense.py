@@ -4,12 +4,12 @@ Example:
     python scripts/prune_to_dense.py runs/prune-smollm2 models/smollm2-pruned [--overwrite] [--no-verify]
 
 RUN_OR_CHECKPOINT is a run folder (its latest checkpoint), a Composer checkpoint file, or a sharded
-(FSDP) checkpoint folder. See drpruning/export/dense.py.
+(FSDP) checkpoint folder. See drpruning/export/convert.py.
 """
 
 import sys
 
-from drpruning.export.dense import main
+from drpruning.export.convert import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -20,7 +20,7 @@ from drpruning.data.prepare import load_manifest
 from drpruning.data.prepare import main as prepare_data_main
 from drpruning.demo.tiny import make_tiny_tokenizer, tiny_documents
 from drpruning.evaluation import main as eval_domains_main
-from drpruning.export.dense import main as prune_to_dense_main
+from drpruning.export.convert import main as prune_to_dense_main
 from tests.helpers import REPO
 
 pytestmark = pytest.mark.slow

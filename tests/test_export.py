@@ -17,7 +17,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from drpruning.demo.tiny import make_tiny_tokenizer, tiny_model
 from drpruning.errors import ExportError
-from drpruning.export.dense import export_run, main, prune_to_dense, pruning_summary
+from drpruning.export.convert import export_run, main
+from drpruning.export.dense import prune_to_dense, pruning_summary
 from drpruning.pruning.callback import PruningCallback
 from drpruning.pruning.model import DRPruningCausalLM
 from drpruning.pruning.prunable import MaskState, make_prunable
@@ -334,8 +335,8 @@ def test_bad_inputs_fail_with_clear_messages(pruning_run, tmp_path, capsys):
 def test_failed_verification_leaves_nothing(pruning_run, tmp_path, monkeypatch):
     import drpruning.export.dense as export
 
-    def corrupted(model, masks):
-        dense = prune_to_dense(model, masks)
+    def corrupted(model, masks, kept=None):
+        dense = prune_to_dense(model, masks, kept)
         with torch.no_grad():
             dense.get_decoder().norm.weight.mul_(1.01)
         return dense

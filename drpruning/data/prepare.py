@@ -40,6 +40,7 @@ from streaming import MDSWriter
 from tqdm import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from drpruning.atomic import replace_directory, staged_directory
 from drpruning.data.checks import FINGERPRINT_KEY, tokenizer_fingerprint
 from drpruning.errors import ConfigError, DataDirError, DataPrepError
 
@@ -429,9 +430,7 @@ def _replace_outputs(staging: Path, out_dir: Path, old_entries: list[str]) -> No
     goes first and the new one comes last, so a reader never finds a manifest describing other files.
     """
     if not old_entries:
-        if out_dir.is_dir():
-            out_dir.rmdir()
-        os.replace(staging, out_dir)
+        replace_directory(staging, out_dir)
         return
     retired = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
     try:
@@ -449,7 +448,6 @@ def _replace_outputs(staging: Path, out_dir: Path, old_entries: list[str]) -> No
         os.replace(staging / MANIFEST_NAME, out_dir / MANIFEST_NAME)
     finally:
         shutil.rmtree(retired, ignore_errors=True)
-    shutil.rmtree(staging, ignore_errors=True)
 
 
 def prepare_data(
@@ -484,11 +482,11 @@ def prepare_data(
     tokenizer = load_tokenizer(tokenizer_dir)
     dtype = token_dtype_for_vocab(len(tokenizer))
 
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    staging = out_path.with_name(f".{out_path.name}.partial-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    try:
+    def install(staging: Path, out: Path) -> None:
+        # Checked again: the folder may have been filled while we worked.
+        _replace_outputs(staging, out, _check_out_dir(out, overwrite, domain_files, patterns))
+
+    with staged_directory(out_path, install) as staging:
         manifest_domains = []
         for name, files in domain_files.items():
             result = _write_domain(
@@ -519,12 +517,6 @@ def prepare_data(
         with open(staging / MANIFEST_NAME, "w", encoding="utf-8") as f:
             json.dump(manifest, f, indent=2)
             f.write("\n")
-        # Checked again: the folder may have been filled while we worked.
-        old_entries = _check_out_dir(out_path, overwrite, domain_files, patterns)
-        _replace_outputs(staging, out_path, old_entries)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return manifest
 
 

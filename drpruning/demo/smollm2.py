@@ -12,11 +12,10 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import logging
-import os
-import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from drpruning.atomic import staged_directory
 from drpruning.errors import SmolLM2Error
 
 if TYPE_CHECKING:
@@ -138,10 +137,7 @@ def materialize(out_dir: Path | str = DEFAULT_OUT) -> Path:
     model, tokenizer = load_from_gguf(gguf)
     check_shape(model.config)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with staged_directory(out_dir) as tmp:  # replaces what is there: an earlier, incomplete attempt
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp, legacy_format=False)  # tokenizer.json only: no copy of the GGUF as "tokenizer.model"
         diff = max_logit_diff(tmp, model, tokenizer)
@@ -150,10 +146,5 @@ def materialize(out_dir: Path | str = DEFAULT_OUT) -> Path:
         log.info("verified: reloaded logits match the GGUF model (max abs diff %.3g)", diff)
         marker = {"source": f"{PACKAGE}=={PACKAGE_VERSION}:{GGUF_NAME}", "dtype": "float32", "max_logit_diff": diff}
         (tmp / COMPLETE_MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
-        if out_dir.exists():  # an earlier, incomplete attempt
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     log.info("wrote %s: %s", out_dir, config_summary(model.config))
     return out_dir

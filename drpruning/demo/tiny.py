@@ -22,6 +22,7 @@ from transformers import (
     Qwen2Config,
 )
 
+from drpruning.atomic import staged_directory
 from drpruning.data.prepare import prepare_data
 
 TINY_DOMAINS: tuple[str, ...] = ("prose", "code", "math", "facts")
@@ -224,14 +225,11 @@ def make_tiny_assets(out: str | Path, seq_len: int = 64) -> Path:
     out = Path(out)
     if (out / ".complete").exists():
         return out
-    work = out.with_name(out.name + ".partial")
-    shutil.rmtree(work, ignore_errors=True)
-    make_tiny_mds(work, n_domains=4, seq_len=seq_len, eval_sequences=8, docs_per_domain=300)
-    vocab_size = len(AutoTokenizer.from_pretrained(work / "tokenizer"))
-    for kind in ("llama_gqa", "qwen2"):
-        save_tiny_model(kind, work / kind, vocab_size=vocab_size)
-        shutil.copytree(work / "tokenizer", work / kind, dirs_exist_ok=True)
-    (work / ".complete").touch()
-    shutil.rmtree(out, ignore_errors=True)
-    work.rename(out)
+    with staged_directory(out) as work:  # replaces what is there: an earlier, incomplete attempt
+        make_tiny_mds(work, n_domains=4, seq_len=seq_len, eval_sequences=8, docs_per_domain=300)
+        vocab_size = len(AutoTokenizer.from_pretrained(work / "tokenizer"))
+        for kind in ("llama_gqa", "qwen2"):
+            save_tiny_model(kind, work / kind, vocab_size=vocab_size)
+            shutil.copytree(work / "tokenizer", work / kind, dirs_exist_ok=True)
+        (work / ".complete").touch()
     return out

@@ -24,7 +24,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from drpruning.errors import CalibrationError, ExportError, ShapeError
-from drpruning.export.dense import _check_out_dir, dense_export, save_export
+from drpruning.export.dense import dense_export
+from drpruning.export.write import check_out_dir, save_export
 from drpruning.pruning.importance import LAYER_MEASURES, CalibrationConfig, calibrate
 from drpruning.pruning.masks import IMPORTANCE_BAND, L0Module
 from drpruning.pruning.shapes import PRUNING_MODULES, TARGET_KEYS, ModelShape
@@ -45,7 +46,7 @@ def one_shot_prune(
 ) -> Path:
     """Prune the HF model in `source` to `target` by importance and write it to `out_dir`; returns `out_dir`."""
     out_dir = Path(out_dir)
-    _check_out_dir(out_dir, overwrite, Path(source))
+    check_out_dir(out_dir, overwrite, Path(source))
     if not (Path(source) / "config.json").is_file():
         raise ExportError(f"{source} is not a Hugging Face model folder (no config.json)")
     model = AutoModelForCausalLM.from_pretrained(str(source), torch_dtype=torch.float32).eval()

@@ -1,0 +1,102 @@
+"""Write an export: a dense HF model, its tokenizer and `pruning.json`, into a folder that holds nothing else.
+
+The folder is written all or nothing (`drpruning.atomic.staged_directory`), and `check_out_dir` refuses a
+folder whose replacement would destroy something: the input, or files a previous export did not write.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from composer.models.huggingface import HuggingFaceModel
+from transformers import AutoTokenizer, PreTrainedModel
+
+from drpruning.atomic import replace_directory, staged_directory
+from drpruning.errors import ExportError
+
+SUMMARY_FILE = "pruning.json"
+# Every file `save_pretrained` of a causal LM and its tokenizer can write, plus the summary: what a previous
+# export may hold. `--overwrite` replaces a folder only if it holds nothing else.
+_EXPORT_FILE = re.compile(
+    r"^(config\.json|generation_config\.json|pruning\.json|model(-\d+-of-\d+)?\.safetensors"
+    r"|model\.safetensors\.index\.json|tokenizer(_config)?\.json|tokenizer\.model|special_tokens_map\.json"
+    r"|added_tokens\.json|vocab\.(json|txt)|merges\.txt|chat_template\.(jinja|json))$"
+)
+
+
+def check_out_dir(out_dir: Path, overwrite: bool, source: Path) -> None:
+    """Refuse an OUT_DIR that would destroy something: the input (or a folder around or inside it), or,
+    with `overwrite`, anything but a previous export (recognised by its pruning.json and export files only)."""
+    out, source = out_dir.resolve(), source.resolve()
+    if out == source or source in out.parents:
+        where = "is" if out == source else "lies inside"
+        raise ExportError(f"{out_dir} {where} the input {source}; write the export to a folder outside it")
+    if out in source.parents:
+        raise ExportError(f"{out_dir} contains the input {source}; write the export to a folder outside it")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ExportError(f"{out_dir} exists and is not a directory")
+    if not out_dir.is_dir() or not any(out_dir.iterdir()):
+        return
+    if not overwrite:
+        raise ExportError(f"{out_dir} exists and is not empty; pass --overwrite (overwrite=True) to replace it")
+    if not (out_dir / SUMMARY_FILE).is_file():
+        raise ExportError(f"{out_dir} is not a previous export (no {SUMMARY_FILE}); --overwrite replaces only an "
+                          "export, so choose an empty or new folder")  # fmt: skip
+    foreign = sorted(p.name + ("/" if p.is_dir() else "") for p in out_dir.iterdir()
+                     if p.is_dir() or not _EXPORT_FILE.match(p.name))  # fmt: skip
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise ExportError(f"{out_dir} holds files an export does not write ({shown}); --overwrite replaces only a "
+                          "previous export, so move them away or choose another folder")  # fmt: skip
+
+
+def _save_tokenizer(out_dir: Path, override: str | Path | None, source: str | None,
+                    embedded: Mapping[str, Any] | None) -> str:  # fmt: skip
+    """Tokenizer files from the override, else the source model dir, else the copy inside the checkpoint."""
+    for origin in (override, source):
+        if origin is not None and (override is not None or Path(origin).is_dir()):
+            AutoTokenizer.from_pretrained(str(origin)).save_pretrained(str(out_dir))
+            return str(origin)
+    if embedded:
+        with tempfile.TemporaryDirectory() as files:  # Composer's reader writes the files to a folder first
+            tokenizer = HuggingFaceModel.load_huggingface_tokenizer_from_saved_state(
+                {"tokenizer": dict(embedded)}, tokenizer_save_dir=files
+            )
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(out_dir))
+                return "checkpoint"
+    raise ExportError("no tokenizer found: the source dir is missing and the checkpoint holds none; pass --tokenizer")
+
+
+def save_export(
+    dense: PreTrainedModel,
+    summary: Mapping[str, Any],
+    out_dir: str | Path,
+    *,
+    overwrite: bool = False,
+    tokenizer: str | Path | None = None,
+    source: str | None = None,
+    embedded_tokenizer: Mapping[str, Any] | None = None,
+    input_path: str | Path,
+) -> Path:
+    """Write `dense`, its tokenizer and `pruning.json` to `out_dir` through a staging folder (all or nothing).
+
+    `input_path` (the checkpoint, run folder or source model read) is never inside, around or equal to it."""
+    out_dir, input_path = Path(out_dir), Path(input_path)
+    check_out_dir(out_dir, overwrite, input_path)
+    summary = dict(summary)
+
+    def install(staging: Path, out: Path) -> None:
+        check_out_dir(out, overwrite, input_path)  # again: the folder may have been filled while we worked
+        replace_directory(staging, out)
+
+    with staged_directory(out_dir, install) as staging:
+        dense.save_pretrained(str(staging), safe_serialization=True)
+        summary["tokenizer"] = _save_tokenizer(staging, tokenizer, source, embedded_tokenizer)
+        (staging / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    return out_dir
