@@ -51,7 +51,7 @@ class PolicySettings:
 
     reference_loss_start: float = 0.2
     """`dro`/`drpruning`, dynamic reference loss: fraction of training in [0, 1] before which no
-    scaling-law fit changes ℓ_R (the early curve predicts badly)."""
+    scaling-law fit changes ℓ_R."""
 
     reference_ratio_start: float = 0.4
     """`dro`/`drpruning`, dynamic reference ratio: fraction of training in [0, 1] before which p_R stays put."""
