@@ -21,7 +21,7 @@ import time  # noqa: E402
 import numpy as np  # noqa: E402
 from threadpoolctl import threadpool_limits  # noqa: E402
 
-from drpruning.scheduling.policies import Observation, make_policy  # noqa: E402
+from drpruning.scheduling.policies import Observation, PolicySettings, make_policy  # noqa: E402
 
 DOMAINS = 8
 HISTORY = 64
@@ -53,7 +53,7 @@ def main() -> None:
     history = [{"progress": step / TOTAL_UPDATES, "params": _params(step), "tokens": (shares * step).tolist(),
                 "losses": _losses(step, rng)} for step in range(1, HISTORY + 1)]
     reference = np.min([entry["losses"] for entry in history], axis=0) + 0.05
-    policy = make_policy("drpruning", p0, reference, max_history=HISTORY)
+    policy = make_policy("drpruning", p0, reference, PolicySettings(max_history=HISTORY))
     state = {**policy.state_dict(), "history": history}
     step = HISTORY + 1
     observation = Observation(losses=np.array(_losses(step, rng)), tokens=shares * step,

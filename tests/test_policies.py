@@ -10,6 +10,7 @@ from drpruning.scheduling.policies import (
     ConstantPolicy,
     DROPolicy,
     Observation,
+    PolicySettings,
     ShearedPolicy,
     drift_reference_ratio,
     make_policy,
@@ -54,7 +55,8 @@ def test_constant_is_constant() -> None:
 def test_sheared_clipped_formula_by_hand() -> None:
     """Sheared-LLaMA's paper (Algorithm 1): Δ = max(ℓ − ℓ_ref, 0)."""
     p0 = np.array([0.5, 0.3, 0.2])
-    policy = make_policy("sheared", p0, [2.0, 2.0, 2.0], eta=1.0, smoothing=0.01, clip_excess=True)
+    policy = make_policy("sheared", p0, [2.0, 2.0, 2.0],
+                         PolicySettings(eta=1.0, smoothing=0.01, clip_excess=True))
     assert isinstance(policy, ShearedPolicy)
     first_losses = np.array([2.5, 1.5, 2.2])  # Δ = [0.5, 0 (clipped from −0.5), 0.2]
     expected = p0 * np.exp([0.5, 0.0, 0.2])
@@ -76,13 +78,13 @@ def test_sheared_default_is_the_unclipped_code_that_ran_the_papers_baseline() ->
     expected = (1 - 1e-4) * expected / expected.sum() + 1e-4 / 3
     actual = policy.update(Observation(losses, np.ones(3), 0.1)).proportions
     np.testing.assert_allclose(actual, expected, rtol=1e-12)
-    clipped = make_policy("sheared", p0, [2.0, 2.0, 2.0], clip_excess=True).update(
+    clipped = make_policy("sheared", p0, [2.0, 2.0, 2.0], PolicySettings(clip_excess=True)).update(
         Observation(losses, np.ones(3), 0.1)).proportions
     assert actual[1] < clipped[1]  # the clipped form only freezes the domain below its reference
 
 
 def test_dro_keeps_reference_fixed() -> None:
-    policy = make_policy("dro", P0, REFERENCE, rho=0.1)
+    policy = make_policy("dro", P0, REFERENCE, PolicySettings(rho=0.1))
     assert isinstance(policy, DROPolicy) and policy.name == "dro"
     for step in (10, 40, 64):
         decision = policy.update(_observation(step))
@@ -95,7 +97,8 @@ def test_dro_keeps_reference_fixed() -> None:
 def _fit_run(start: np.ndarray, params: str | None, reference_loss_start: float = 0.4):
     """Run `drpruning` on noisy power-law losses; yields (step, decision, losses observed so far)."""
     p0 = _fit_p0()
-    policy = make_policy("drpruning", p0, start, min_points=5, reference_loss_start=reference_loss_start)
+    policy = make_policy("drpruning", p0, start,
+                         PolicySettings(min_points=5, reference_loss_start=reference_loss_start))
     rng = np.random.default_rng(1)
     observed = []
     for step in range(1, FIT_UPDATES + 1):
@@ -140,7 +143,7 @@ def test_loose_reference_falls_at_the_first_fit_and_never_rises() -> None:
 def test_first_fit_is_per_domain() -> None:
     """A domain whose fit is not possible yet keeps its configured value; its first fit still replaces it."""
     p0 = _fit_p0()
-    policy = make_policy("drpruning", p0, [0.1, 0.1, 0.1], min_points=5, reference_loss_start=0.0)
+    policy = make_policy("drpruning", p0, [0.1, 0.1, 0.1], PolicySettings(min_points=5, reference_loss_start=0.0))
     for step in range(1, 8):
         tokens = p0 * TOKENS_PER_UPDATE * step
         if step < 3:
@@ -154,7 +157,7 @@ def test_first_fit_is_per_domain() -> None:
 
 
 def test_reference_ratio_drifts_within_bounds_after_its_start() -> None:
-    policy = make_policy("drpruning", P0, REFERENCE, dynamic_reference_loss=False, rho=0.5)
+    policy = make_policy("drpruning", P0, REFERENCE, PolicySettings(dynamic_reference_loss=False, rho=0.5))
     losses = REFERENCE.copy()
     losses[6] += 1.0  # the smallest domain always has by far the largest excess
     ratios = []
@@ -171,8 +174,9 @@ def test_reference_ratio_drifts_within_bounds_after_its_start() -> None:
 
 def test_drift_is_the_paper_update_when_bounds_are_slack() -> None:
     p0 = np.array([0.4, 0.35, 0.25])
-    policy = make_policy("dro", p0, [1.0, 1.0, 1.0], dynamic_reference_ratio=True, reference_ratio_start=0.0,
-                         delta=0.1, ratio_bound=10.0, clamp_ratio_to_initial_range=False)
+    policy = make_policy("dro", p0, [1.0, 1.0, 1.0], PolicySettings(
+        dynamic_reference_ratio=True, reference_ratio_start=0.0, delta=0.1, ratio_bound=10.0,
+        clamp_ratio_to_initial_range=False))
     decision = policy.update(Observation(np.array([1.2, 1.1, 1.0]), np.ones(3), 0.5))
     np.testing.assert_allclose(policy.reference_ratio, 0.1 * decision.proportions + 0.9 * p0, rtol=1e-12)
 
@@ -217,9 +221,9 @@ def test_uniform_p0_with_the_second_clamp_freezes_the_ratio() -> None:
 
 def test_ablation_switches() -> None:
     p0 = _fit_p0()
-    no_ratio = make_policy("drpruning", p0, REFERENCE[:FIT_DOMAINS] + 1.0, dynamic_reference_ratio=False,
-                           min_points=5)
-    no_loss = make_policy("drpruning", p0, REFERENCE[:FIT_DOMAINS], dynamic_reference_loss=False)
+    no_ratio = make_policy("drpruning", p0, REFERENCE[:FIT_DOMAINS] + 1.0,
+                           PolicySettings(dynamic_reference_ratio=False, min_points=5))
+    no_loss = make_policy("drpruning", p0, REFERENCE[:FIT_DOMAINS], PolicySettings(dynamic_reference_loss=False))
     for step in range(1, FIT_UPDATES + 1):
         ratio_decision = no_ratio.update(_observation(step, updates=FIT_UPDATES, p0=p0))
         loss_decision = no_loss.update(_observation(step, updates=FIT_UPDATES, p0=p0))
@@ -231,7 +235,7 @@ def test_ablation_switches() -> None:
 
 
 def test_history_is_capped_and_spread_over_the_run() -> None:
-    policy = make_policy("drpruning", P0, REFERENCE, max_history=16, reference_loss_start=1.0)
+    policy = make_policy("drpruning", P0, REFERENCE, PolicySettings(max_history=16, reference_loss_start=1.0))
     for step in range(1, UPDATES + 1):
         policy.update(_observation(step))
     progress = [entry["progress"] for entry in policy.history]
@@ -244,11 +248,11 @@ def test_history_is_capped_and_spread_over_the_run() -> None:
 
 def test_state_round_trip_continues_identically() -> None:
     p0 = _fit_p0()
-    uninterrupted = make_policy("drpruning", p0, REFERENCE[:FIT_DOMAINS] + 0.5, min_points=5)
+    uninterrupted = make_policy("drpruning", p0, REFERENCE[:FIT_DOMAINS] + 0.5, PolicySettings(min_points=5))
     for step in range(1, 6):  # stop after the first fits, before the reference ratio starts moving
         uninterrupted.update(_observation(step, updates=FIT_UPDATES, p0=p0))
     state = json.loads(json.dumps(uninterrupted.state_dict()))  # plain types only
-    resumed = make_policy("drpruning", p0, REFERENCE[:FIT_DOMAINS] + 0.5, min_points=5)
+    resumed = make_policy("drpruning", p0, REFERENCE[:FIT_DOMAINS] + 0.5, PolicySettings(min_points=5))
     resumed.load_state_dict(state)
     for step in range(6, FIT_UPDATES + 1):
         expected = uninterrupted.update(_observation(step, updates=FIT_UPDATES, p0=p0))
@@ -274,12 +278,18 @@ def test_config_errors() -> None:
     with pytest.raises(ValueError, match="unknown policy"):
         make_policy("doremi", P0)
     with pytest.raises(ValueError, match="apply to dro"):
-        make_policy("sheared", P0, REFERENCE, dynamic_reference_loss=True)
+        make_policy("sheared", P0, REFERENCE, PolicySettings(dynamic_reference_loss=True))
     with pytest.raises(ValueError, match="sum to 1"):
         make_policy("constant", [0.5, 0.6])
     with pytest.raises(ValueError, match="ratio_bound"):
-        make_policy("drpruning", P0, ratio_bound=0.5)
+        make_policy("drpruning", P0, settings=PolicySettings(ratio_bound=0.5))
     with pytest.raises(ValueError, match="reference_loss_start"):
-        make_policy("drpruning", P0, reference_loss_start=20)
+        make_policy("drpruning", P0, settings=PolicySettings(reference_loss_start=20))
     with pytest.raises(ValueError, match="checkpoint holds policy 'dro'"):
         make_policy("drpruning", P0, REFERENCE).load_state_dict(make_policy("dro", P0, REFERENCE).state_dict())
+
+
+def test_unknown_settings_are_refused_by_name() -> None:
+    with pytest.raises(ValueError, match=r"unknown policy option\(s\) \['max_histroy'\]; valid options: .*max_history"):
+        PolicySettings.from_options({"rho": 0.2, "max_histroy": 8})
+    assert PolicySettings.from_options({"rho": 0.2}) == PolicySettings(rho=0.2)

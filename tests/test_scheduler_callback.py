@@ -1,9 +1,12 @@
 """The DataScheduler callback against light fakes of Composer's State/Logger, the mixer and the model
 (the contracts of docs/architecture.md)."""
 
+import dataclasses
+import inspect
 import json
 import math
 import os
+import re
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -16,6 +19,7 @@ from composer.core import Time
 import drpruning.runs
 import drpruning.scheduling.scheduler
 from drpruning.scheduling.dro import dro_proportions
+from drpruning.scheduling.policies import PolicySettings
 from drpruning.scheduling.scheduler import DataScheduler
 
 DOMAINS = ["cc", "github", "wiki"]
@@ -374,6 +378,7 @@ def test_two_ranks_hold_identical_state(tmp_path: Path, monkeypatch: pytest.Monk
     ({"reference_losses": "target"}, "'source'"),
     ({"rho": -1.0}, "rho"),
     ({"policy": "sheared", "dynamic_reference_ratio": True}, "apply to dro"),
+    ({"rhoo": 0.1}, r"unknown data_scheduler option\(s\) \['rhoo'\]; valid options: .*\brho\b.*\bupdate_interval\b"),
 ])
 def test_config_errors_at_construction(overrides: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
@@ -390,6 +395,30 @@ def test_config_errors_at_construction(overrides: dict[str, Any], message: str) 
 def test_config_errors_against_the_mixer(tmp_path: Path, overrides: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         train(scheduler(**overrides), Run(tmp_path), 0, 1, eval_interval=20)
+
+
+def test_every_yaml_key_is_documented() -> None:
+    """A yaml author reads the callback's docstring: each key it accepts has its own line there."""
+    keys = [name for name in inspect.signature(DataScheduler).parameters if name != "policy_settings"]
+    keys += [field.name for field in dataclasses.fields(PolicySettings)]
+    assert DataScheduler.__doc__ is not None
+    for key in keys:
+        assert re.search(rf"^ +{key}:", DataScheduler.__doc__, re.MULTILINE), key
+
+
+@pytest.mark.parametrize(("lacks", "message"), [
+    ("set_proportions", "domain_mixture train loader"),
+    ("domain_stats", "per-domain statistics"),
+])
+def test_a_dataset_or_model_without_the_contract_is_refused(tmp_path: Path, lacks: str, message: str) -> None:
+    run = Run(tmp_path)
+    if lacks == "set_proportions":
+        run.state.train_dataloader = SimpleNamespace(dataset=SimpleNamespace(
+            domains=DOMAINS, initial_proportions=P0, proportions_at=run.mixer.proportions_at))
+    else:
+        run.state.model = SimpleNamespace(pruning_stats=run.model.pruning_stats)
+    with pytest.raises(TypeError, match=message):
+        train(scheduler(), run, 0, 1, eval_interval=20)
 
 
 def test_max_duration_must_be_in_batches(tmp_path: Path) -> None:

@@ -269,6 +269,7 @@ class L0Module(nn.Module):
 
 def parse_batches(value: int | str, name: str) -> int:
     """An int, or a Composer-style '640ba' string, as a number of batches."""
+    # Not composer.core.Time: masks.py imports without Composer, and L0Module takes the yaml block as is.
     if isinstance(value, str) and value.endswith("ba") and value[:-2].isdigit():
         return int(value[:-2])
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:

@@ -2,13 +2,15 @@
 
 Each policy is one object whose whole mutable state round-trips through `state_dict()` as plain
 lists/floats/ints/str/None, so the scheduler callback can checkpoint it and broadcast it to every rank.
+Its options are one `PolicySettings`, the keys a `data_scheduler` yaml block may set besides the scheduler's own.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +22,86 @@ from drpruning.scheduling.dro import dro_proportions, normalise_within_bounds
 from drpruning.scheduling.scaling_law import predict_final_loss
 
 POLICY_NAMES = ("constant", "sheared", "dro", "drpruning")
+
+
+@dataclass(frozen=True)
+class PolicySettings:
+    """The policy options of a `data_scheduler` yaml block, each optional; a policy reads only its own.
+
+    Each policy refuses a bad value of a setting it reads when it is built; the others are ignored.
+    """
+
+    dynamic_reference_loss: bool | None = None
+    """`dro`/`drpruning`: replace ℓ_R by each domain's scaling-law prediction of its final loss (paper §3.3).
+    Unset: on for `drpruning`, off otherwise; `constant` and `sheared` refuse it on."""
+
+    dynamic_reference_ratio: bool | None = None
+    """`dro`/`drpruning`: let p_R drift toward the proportions chosen (p_R ← δ·q + (1−δ)·p_R, paper eq. 6).
+    Unset: on for `drpruning`, off otherwise; `constant` and `sheared` refuse it on."""
+
+    rho: float = 0.1
+    """`dro`/`drpruning`: radius ρ (≥ 0) of the χ² ball around p_R that q is chosen in; larger moves more
+    weight toward domains above their reference loss, 0 keeps q = p_R."""
+
+    delta: float = 0.1
+    """`dro`/`drpruning`, dynamic reference ratio: δ in (0, 1], how far p_R moves toward q at each update."""
+
+    ratio_bound: float = 2.0
+    """`dro`/`drpruning`, dynamic reference ratio: n ≥ 1, p_R stays within [p0/n, n·p0] domain by domain."""
+
+    reference_loss_start: float = 0.2
+    """`dro`/`drpruning`, dynamic reference loss: fraction of training in [0, 1] before which no
+    scaling-law fit changes ℓ_R."""
+
+    reference_ratio_start: float = 0.4
+    """`dro`/`drpruning`, dynamic reference ratio: fraction of training in [0, 1] before which p_R stays put."""
+
+    min_points: int = 8
+    """`dro`/`drpruning`, dynamic reference loss: (P, T, ℓ) points (≥ 5) a domain needs before its first fit."""
+
+    max_history: int = 64
+    """`dro`/`drpruning`, dynamic reference loss: most points kept (≥ min_points); beyond it the point
+    closest to its neighbours in log-progress is dropped, so the history spans the whole run."""
+
+    clamp_ratio_to_initial_range: bool = True
+    """`dro`/`drpruning`, dynamic reference ratio: after the drift, also keep p_R within [min p0, max p0]
+    (the reference code, on in the paper's runs; with uniform p0 it freezes p_R)."""
+
+    eta: float = 1.0
+    """`sheared`: step size η (≥ 0) of q ∝ q_prev·exp(η·Δ)."""
+
+    smoothing: float = 1e-4
+    """`sheared`: c in [0, 1] of the final mix (1−c)·q + c/n with the uniform distribution."""
+
+    clip_excess: bool = False
+    """`sheared`: Δ = max(ℓ − ℓ_ref, 0) (Sheared-LLaMA's paper) instead of the unclipped Δ = ℓ − ℓ_ref its
+    code used, which produced the DRPruning paper's ReSheared baseline."""
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return tuple(field.name for field in dataclasses.fields(cls))
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any], *, owner: str = "policy",
+                     also_valid: Iterable[str] = ()) -> PolicySettings:
+        """Settings from yaml keys; an unknown key is refused by name, with the list of valid ones
+        (`also_valid`: the caller's own keys, so the list is complete for `owner`'s yaml block)."""
+        unknown = sorted(set(options) - set(cls.names()))
+        if unknown:
+            valid = sorted({*cls.names(), *also_valid})
+            raise ConfigError(f"unknown {owner} option(s) {unknown}; valid options: {', '.join(valid)}")
+        return cls(**options)
+
+    def for_policy(self, name: str) -> PolicySettings:
+        """These settings with the dynamic parts resolved for policy `name`: unset means on for
+        `drpruning` and off otherwise; switching one off under `drpruning` (or on under `dro`) gives the
+        paper's ablations, and `constant` / `sheared` have no dynamic parts to switch on."""
+        dynamic_default = name == "drpruning"
+        loss = dynamic_default if self.dynamic_reference_loss is None else self.dynamic_reference_loss
+        ratio = dynamic_default if self.dynamic_reference_ratio is None else self.dynamic_reference_ratio
+        if name in ("constant", "sheared") and (loss or ratio):
+            raise ConfigError(f"dynamic_reference_loss / dynamic_reference_ratio apply to dro and drpruning, not '{name}'")
+        return dataclasses.replace(self, dynamic_reference_loss=loss, dynamic_reference_ratio=ratio)
 
 
 @dataclass(frozen=True)
@@ -120,16 +202,15 @@ class ShearedPolicy(Policy):
     needs_reference_losses = True
 
     def __init__(self, initial_proportions: Sequence[float] | np.ndarray,
-                 reference_losses: Sequence[float] | np.ndarray | None = None, eta: float = 1.0,
-                 smoothing: float = 1e-4, clip_excess: bool = False) -> None:
+                 reference_losses: Sequence[float] | np.ndarray | None, settings: PolicySettings) -> None:
         super().__init__(initial_proportions, reference_losses)
-        if not math.isfinite(eta) or eta < 0:
-            raise ConfigError(f"eta must be finite and ≥ 0, got {eta}")
-        if not 0.0 <= smoothing <= 1.0:
-            raise ConfigError(f"smoothing must lie in [0, 1], got {smoothing}")
-        self.eta = float(eta)
-        self.smoothing = float(smoothing)
-        self.clip_excess = bool(clip_excess)
+        if not math.isfinite(settings.eta) or settings.eta < 0:
+            raise ConfigError(f"eta must be finite and ≥ 0, got {settings.eta}")
+        if not 0.0 <= settings.smoothing <= 1.0:
+            raise ConfigError(f"smoothing must lie in [0, 1], got {settings.smoothing}")
+        self.eta = float(settings.eta)
+        self.smoothing = float(settings.smoothing)
+        self.clip_excess = bool(settings.clip_excess)
         self.proportions = self.initial_proportions.copy()
 
     def _update(self, observation: Observation) -> Decision:
@@ -171,37 +252,34 @@ class DROPolicy(Policy):
     needs_reference_losses = True
 
     def __init__(self, initial_proportions: Sequence[float] | np.ndarray,
-                 reference_losses: Sequence[float] | np.ndarray | None = None, rho: float = 0.1, *,
-                 dynamic_reference_loss: bool = False, dynamic_reference_ratio: bool = False,
-                 delta: float = 0.1, ratio_bound: float = 2.0, reference_loss_start: float = 0.2,
-                 reference_ratio_start: float = 0.4, min_points: int = 8, max_history: int = 64,
-                 clamp_ratio_to_initial_range: bool = True) -> None:
+                 reference_losses: Sequence[float] | np.ndarray | None, settings: PolicySettings) -> None:
+        """`settings` with the dynamic parts resolved (`PolicySettings.for_policy`)."""
         super().__init__(initial_proportions, reference_losses)
-        if not math.isfinite(rho) or rho < 0:
-            raise ConfigError(f"rho must be finite and ≥ 0, got {rho}")
-        if not 0.0 < delta <= 1.0:
-            raise ConfigError(f"delta must lie in (0, 1], got {delta}")
-        if not (math.isfinite(ratio_bound) and ratio_bound >= 1.0):
-            raise ConfigError(f"ratio_bound must be ≥ 1, got {ratio_bound}")
-        for key, value in (("reference_loss_start", reference_loss_start),
-                           ("reference_ratio_start", reference_ratio_start)):
+        if not math.isfinite(settings.rho) or settings.rho < 0:
+            raise ConfigError(f"rho must be finite and ≥ 0, got {settings.rho}")
+        if not 0.0 < settings.delta <= 1.0:
+            raise ConfigError(f"delta must lie in (0, 1], got {settings.delta}")
+        if not (math.isfinite(settings.ratio_bound) and settings.ratio_bound >= 1.0):
+            raise ConfigError(f"ratio_bound must be ≥ 1, got {settings.ratio_bound}")
+        for key, value in (("reference_loss_start", settings.reference_loss_start),
+                           ("reference_ratio_start", settings.reference_ratio_start)):
             if not 0.0 <= value <= 1.0:
                 raise ConfigError(f"{key} is a fraction of training and must lie in [0, 1], got {value}")
-        if min_points < 5:
-            raise ConfigError(f"min_points must be ≥ 5 (the fit has up to 4 parameters), got {min_points}")
-        if max_history < min_points:
-            raise ConfigError(f"max_history ({max_history}) must be ≥ min_points ({min_points})")
-        self.name = "drpruning" if dynamic_reference_loss or dynamic_reference_ratio else "dro"
-        self.rho = float(rho)
-        self.dynamic_reference_loss = bool(dynamic_reference_loss)
-        self.dynamic_reference_ratio = bool(dynamic_reference_ratio)
-        self.delta = float(delta)
-        self.ratio_bound = float(ratio_bound)
-        self.reference_loss_start = float(reference_loss_start)
-        self.reference_ratio_start = float(reference_ratio_start)
-        self.min_points = int(min_points)
-        self.max_history = int(max_history)
-        self.clamp_ratio_to_initial_range = bool(clamp_ratio_to_initial_range)
+        if settings.min_points < 5:
+            raise ConfigError(f"min_points must be ≥ 5 (the fit has up to 4 parameters), got {settings.min_points}")
+        if settings.max_history < settings.min_points:
+            raise ConfigError(f"max_history ({settings.max_history}) must be ≥ min_points ({settings.min_points})")
+        self.dynamic_reference_loss = bool(settings.dynamic_reference_loss)
+        self.dynamic_reference_ratio = bool(settings.dynamic_reference_ratio)
+        self.name = "drpruning" if self.dynamic_reference_loss or self.dynamic_reference_ratio else "dro"
+        self.rho = float(settings.rho)
+        self.delta = float(settings.delta)
+        self.ratio_bound = float(settings.ratio_bound)
+        self.reference_loss_start = float(settings.reference_loss_start)
+        self.reference_ratio_start = float(settings.reference_ratio_start)
+        self.min_points = int(settings.min_points)
+        self.max_history = int(settings.max_history)
+        self.clamp_ratio_to_initial_range = bool(settings.clamp_ratio_to_initial_range)
         self.reference_ratio = self.initial_proportions.copy()
         self.history: list[dict[str, Any]] = []
         # Per domain: has a scaling-law fit set ℓ_R yet? The first fit replaces ℓ_R, later ones only lower it.
@@ -299,31 +377,17 @@ def _most_redundant_point(progress: list[float]) -> int:
 
 
 def make_policy(name: str, initial_proportions: Sequence[float] | np.ndarray,
-                reference_losses: Sequence[float] | np.ndarray | None = None, *,
-                dynamic_reference_loss: bool | None = None, dynamic_reference_ratio: bool | None = None,
-                rho: float = 0.1, delta: float = 0.1, ratio_bound: float = 2.0, reference_loss_start: float = 0.2,
-                reference_ratio_start: float = 0.4, min_points: int = 8, max_history: int = 64, eta: float = 1.0,
-                smoothing: float = 1e-4, clip_excess: bool = False,
-                clamp_ratio_to_initial_range: bool = True) -> Policy:
-    """Build a policy by name. The dynamic parts default to on for `drpruning` and off otherwise;
-    switching one off under `drpruning` (or on under `dro`) gives the paper's ablations."""
+                reference_losses: Sequence[float] | np.ndarray | None = None,
+                settings: PolicySettings | None = None) -> Policy:
+    """Build policy `name` (one of POLICY_NAMES) with `settings` (default: every setting at its default)."""
     if name not in POLICY_NAMES:
         raise ConfigError(f"unknown policy '{name}'; choose one of {', '.join(POLICY_NAMES)}")
-    dynamic_default = name == "drpruning"
-    dynamic_reference_loss = dynamic_default if dynamic_reference_loss is None else dynamic_reference_loss
-    dynamic_reference_ratio = dynamic_default if dynamic_reference_ratio is None else dynamic_reference_ratio
-    if name in ("constant", "sheared") and (dynamic_reference_loss or dynamic_reference_ratio):
-        raise ConfigError(f"dynamic_reference_loss / dynamic_reference_ratio apply to dro and drpruning, not '{name}'")
+    settings = (settings or PolicySettings()).for_policy(name)
     if name == "constant":
         return ConstantPolicy(initial_proportions, reference_losses)
     if name == "sheared":
-        return ShearedPolicy(initial_proportions, reference_losses, eta=eta, smoothing=smoothing,
-                             clip_excess=clip_excess)
-    return DROPolicy(initial_proportions, reference_losses, rho, dynamic_reference_loss=dynamic_reference_loss,
-                     dynamic_reference_ratio=dynamic_reference_ratio, delta=delta, ratio_bound=ratio_bound,
-                     reference_loss_start=reference_loss_start, reference_ratio_start=reference_ratio_start,
-                     min_points=min_points, max_history=max_history,
-                     clamp_ratio_to_initial_range=clamp_ratio_to_initial_range)
+        return ShearedPolicy(initial_proportions, reference_losses, settings)
+    return DROPolicy(initial_proportions, reference_losses, settings)
 
 
 def _plain(values: np.ndarray | None) -> list[float] | None:

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -34,12 +35,57 @@ from drpruning.runs import (
     unwrap_model,
     write_json,
 )
-from drpruning.scheduling.policies import Observation, Policy, make_policy
+from drpruning.scheduling.policies import Observation, Policy, PolicySettings, make_policy
 
 log = logging.getLogger(__name__)
 
 _EVAL_METRIC = "LanguageCrossEntropy"
 _STATE_VERSION = 1
+# The callback's own yaml keys; every other key is a `PolicySettings` field.
+_SCHEDULER_OPTIONS = ("policy", "update_interval", "loss_source", "reference_losses", "initial_proportions", "ema",
+                      "on_nan")
+
+
+@runtime_checkable
+class MixtureDataset(Protocol):
+    """What the scheduler needs from the train dataset (`drpruning.data.mixer.DomainMixtureDataset`)."""
+
+    domains: Sequence[str]
+    initial_proportions: Sequence[float] | np.ndarray
+
+    def proportions_at(self, batch: int) -> np.ndarray: ...
+
+    def set_proportions(self, proportions: np.ndarray, at_batch: int | None = None) -> int:
+        """Use `proportions` from `at_batch` (default: the first batch not yet requested) on; returns that batch."""
+        ...
+
+
+class DomainStatsTaker(Protocol):
+    def take(self, num_domains: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's (loss sum, token count) per domain since the last call, then reset."""
+        ...
+
+
+@runtime_checkable
+class DomainStatsModel(Protocol):
+    """What the scheduler needs from the unwrapped model (`drpruning.pruning.model.DRPruningCausalLM`)."""
+
+    domain_stats: DomainStatsTaker
+
+    def pruning_stats(self) -> dict[str, float] | None:
+        """`expected_params` and `target_params` of a pruning run; None in continued pretraining."""
+        ...
+
+
+@dataclass(frozen=True)
+class SharedDecision:
+    """What rank 0 broadcasts after an update: plain types only, identical on every rank."""
+
+    proportions: list[float]
+    reference_losses: list[float] | None
+    reference_ratio: list[float]
+    expected_params: float | None
+    policy_state: dict[str, Any]
 
 
 class DataScheduler(Callback):
@@ -47,33 +93,40 @@ class DataScheduler(Callback):
 
     Args (the yaml keys of the `data_scheduler` callback):
         policy: `constant | sheared | dro | drpruning`.
-        update_interval: batches between updates (with `loss_source: eval`, set `eval_interval` to match).
+        update_interval: batches between updates, an integer ≥ 1 (with `loss_source: eval`, set
+            `eval_interval` to match).
         loss_source: `eval` (per-domain eval CE, read at EVAL_AFTER_ALL) or `train_ema`
             (EMA of the per-domain train CE, updated every batch, read at BATCH_END).
         reference_losses: `{domain: loss}` for every domain, or `source` (the first eval's losses),
             or None (only for `constant`).
         initial_proportions: `{domain: p}` or a list in the mixer's domain order; default the mixer's.
-        dynamic_reference_loss / dynamic_reference_ratio: default on for `drpruning`, off otherwise.
-        rho, delta, ratio_bound, reference_loss_start, reference_ratio_start, min_points, max_history:
-            DRO and DRPruning settings (`drpruning.scheduling.policies.DROPolicy`).
-        ema: λ of the train-loss EMA.
-        clamp_ratio_to_initial_range: after the drift, also keep p_R within [min p0, max p0] (reference
-            code, on in the paper's runs; with uniform p0 it freezes p_R).
-        eta, smoothing: `sheared` settings.
-        clip_excess: `sheared` with Δ = max(ℓ − ℓ_ref, 0) (Sheared-LLaMA's paper) instead of the unclipped
-            Δ its code used, which produced the DRPruning paper's ReSheared baseline (default).
+        ema: λ in (0, 1] of the train-loss EMA (`loss_source: train_ema`).
         on_nan: `error` (raise, naming the domain and step) or `skip` (leave the proportions unchanged).
+        **policy_settings: the fields of `drpruning.scheduling.policies.PolicySettings`, documented
+            there in full; any other key is refused by name.
+            dynamic_reference_loss: `dro`/`drpruning`, refit ℓ_R from scaling-law predictions (default on
+                for `drpruning`, off otherwise).
+            dynamic_reference_ratio: `dro`/`drpruning`, drift p_R toward q (default on for `drpruning`,
+                off otherwise).
+            rho: `dro`/`drpruning`, radius of the χ² ball around p_R.
+            delta: `dro`/`drpruning`, step of the reference-ratio drift.
+            ratio_bound: `dro`/`drpruning`, p_R stays within [p0/n, n·p0].
+            reference_loss_start: `dro`/`drpruning`, fraction of training before which ℓ_R is not refit.
+            reference_ratio_start: `dro`/`drpruning`, fraction of training before which p_R does not drift.
+            min_points: `dro`/`drpruning`, points a domain needs before its first scaling-law fit.
+            max_history: `dro`/`drpruning`, most points kept for the fits.
+            clamp_ratio_to_initial_range: `dro`/`drpruning`, after the drift also keep p_R within
+                [min p0, max p0] (reference code, on in the paper's runs; with uniform p0 it freezes p_R).
+            eta: `sheared`, step size of the exponentiated update.
+            smoothing: `sheared`, weight of the uniform distribution mixed into q.
+            clip_excess: `sheared` with Δ = max(ℓ − ℓ_ref, 0) (Sheared-LLaMA's paper) instead of the
+                unclipped Δ its code used, which produced the DRPruning paper's ReSheared baseline (default).
     """
 
     def __init__(self, policy: str = "drpruning", update_interval: int = 50, loss_source: str = "eval",
                  reference_losses: Mapping[str, float] | str | None = None,
                  initial_proportions: Mapping[str, float] | Sequence[float] | None = None,
-                 dynamic_reference_loss: bool | None = None, dynamic_reference_ratio: bool | None = None,
-                 rho: float = 0.1, ema: float = 0.1, delta: float = 0.1, ratio_bound: float = 2.0,
-                 reference_loss_start: float = 0.2, reference_ratio_start: float = 0.4, eta: float = 1.0,
-                 smoothing: float = 1e-4, min_points: int = 8, max_history: int = 64,
-                 clip_excess: bool = False, clamp_ratio_to_initial_range: bool = True,
-                 on_nan: str = "error") -> None:
+                 ema: float = 0.1, on_nan: str = "error", **policy_settings: Any) -> None:
         if isinstance(update_interval, bool) or not isinstance(update_interval, int) or update_interval < 1:
             raise ConfigError(f"update_interval must be an integer number of batches ≥ 1, got {update_interval!r}")
         if loss_source not in ("eval", "train_ema"):
@@ -86,13 +139,10 @@ class DataScheduler(Callback):
             raise ConfigError(f"reference_losses must be a mapping domain → loss or 'source', got {reference_losses!r}")
         if reference_losses is not None and not isinstance(reference_losses, str | Mapping):
             raise ConfigError(f"reference_losses must be a mapping domain → loss or 'source', got {reference_losses!r}")
-        self._policy_options: dict[str, Any] = dict(
-            dynamic_reference_loss=dynamic_reference_loss, dynamic_reference_ratio=dynamic_reference_ratio, rho=rho,
-            delta=delta, ratio_bound=ratio_bound, reference_loss_start=reference_loss_start,
-            reference_ratio_start=reference_ratio_start, min_points=min_points, max_history=max_history, eta=eta,
-            smoothing=smoothing, clip_excess=clip_excess, clamp_ratio_to_initial_range=clamp_ratio_to_initial_range)
+        self.policy_settings = PolicySettings.from_options(policy_settings, owner="data_scheduler",
+                                                           also_valid=_SCHEDULER_OPTIONS)
         # Surface every policy-level config error now rather than after the model has loaded.
-        probe = make_policy(policy, [1.0], **self._policy_options)
+        probe = make_policy(policy, [1.0], settings=self.policy_settings)
         if probe.needs_reference_losses and reference_losses is None:
             raise ConfigError(f"policy '{policy}' needs reference_losses: a mapping domain → loss, or 'source'")
         self.policy_name = policy
@@ -119,13 +169,8 @@ class DataScheduler(Callback):
         """Bind to the mixer, model and run (idempotent); applies a checkpointed state if one is waiting."""
         if self.policy is not None:
             return
-        dataset = state.train_dataloader.dataset if state.train_dataloader is not None else None
-        if dataset is None or not all(hasattr(dataset, name) for name in ("domains", "initial_proportions",
-                                                                          "set_proportions", "proportions_at")):
-            raise TypeError("DataScheduler needs the domain_mixture train loader (a DomainMixtureDataset)")
-        model = unwrap_model(state.model)
-        if not hasattr(model, "domain_stats"):
-            raise TypeError("DataScheduler needs a model with per-domain statistics (drpruning_causal_lm)")
+        dataset = _mixer(state)
+        _model(state)  # refused here, before anything is built, rather than at the first batch
         if state.max_duration is None or state.max_duration.unit != TimeUnit.BATCH:
             raise ConfigError(f"DataScheduler needs max_duration in batches ('ba'), got {state.max_duration}")
         self.domains = [str(domain) for domain in dataset.domains]
@@ -134,7 +179,7 @@ class DataScheduler(Callback):
         reference_losses = None
         if isinstance(self.reference_losses_config, Mapping):
             reference_losses = self._by_domain(self.reference_losses_config, "reference_losses")
-        self.policy = make_policy(self.policy_name, initial, reference_losses, **self._policy_options)
+        self.policy = make_policy(self.policy_name, initial, reference_losses, self.policy_settings)
         self.loss_ema = [None] * len(self.domains)
         self.tokens = np.zeros(len(self.domains))
         if self._pending_state is not None:
@@ -155,7 +200,7 @@ class DataScheduler(Callback):
         batch = int(state.timestamp.batch)
         keep_jsonl_lines(run_folder(state) / SCHEDULE_FILE, lambda record: record["step"] <= batch)
 
-    def _resolve_initial_proportions(self, dataset: Any) -> np.ndarray:
+    def _resolve_initial_proportions(self, dataset: MixtureDataset) -> np.ndarray:
         config = self.initial_proportions_config
         if config is None:
             return validate_proportions(dataset.initial_proportions, len(self.domains), "the mixer's initial_proportions")
@@ -193,14 +238,13 @@ class DataScheduler(Callback):
         batch = int(state.timestamp.batch)
         loss_sums, token_counts = self._take_domain_stats(state)
         self.tokens = self.tokens + token_counts
-        if self.loss_source == "train_ema":
-            self._update_ema(loss_sums, token_counts, batch)
-            if batch % self.update_interval == 0:
-                if any(value is None for value in self.loss_ema):
-                    unseen = [d for d, value in zip(self.domains, self.loss_ema, strict=True) if value is None]
-                    log.info("DataScheduler: step %d waits for train losses of domain(s) %s", batch, unseen)
-                    return
-                self._update(state, logger, np.array(self.loss_ema, dtype=np.float64))
+        if self.loss_source != "train_ema":
+            return
+        self._update_ema(loss_sums, token_counts, batch)
+        if batch % self.update_interval == 0:
+            losses = self._ema_losses(batch)
+            if losses is not None:
+                self._update(state, logger, losses)
 
     def eval_standalone_end(self, state: State, logger: Logger) -> None:
         """`eval_first: true` runs a standalone eval before training: the source model's losses."""
@@ -236,8 +280,7 @@ class DataScheduler(Callback):
 
     # -------------------------------------------------------------------------------- measurements
     def _take_domain_stats(self, state: State) -> tuple[np.ndarray, np.ndarray]:
-        model = unwrap_model(state.model)
-        loss_sums, token_counts = model.domain_stats.take(len(self.domains))
+        loss_sums, token_counts = _model(state).domain_stats.take(len(self.domains))
         stacked = torch.stack([loss_sums.to(torch.float64), token_counts.to(torch.float64)])
         dist.all_reduce(stacked, reduce_operation="SUM")
         stacked = stacked.cpu().numpy()
@@ -252,6 +295,14 @@ class DataScheduler(Callback):
                 continue
             previous = self.loss_ema[index]
             self.loss_ema[index] = mean if previous is None else (1.0 - self.ema) * previous + self.ema * mean
+
+    def _ema_losses(self, batch: int) -> np.ndarray | None:
+        """The train-loss EMA of every domain, or None (and a log line) while a domain has had no tokens."""
+        unseen = [domain for domain, value in zip(self.domains, self.loss_ema, strict=True) if value is None]
+        if unseen:
+            log.info("DataScheduler: step %d waits for train losses of domain(s) %s", batch, unseen)
+            return None
+        return np.array(self.loss_ema, dtype=np.float64)
 
     def _read_eval_losses(self, state: State) -> np.ndarray:
         """Per-domain eval CE; `compute()` syncs across ranks, so every rank must call this."""
@@ -291,77 +342,93 @@ class DataScheduler(Callback):
 
     # -------------------------------------------------------------------------------------- update
     def _update(self, state: State, logger: Logger, losses: np.ndarray) -> None:
-        """Run the policy on rank 0, broadcast its decision and state, and hand q to the mixer everywhere."""
-        assert self.policy is not None
+        """One update on every rank: rank 0 decides, every rank adopts the shared decision and hands q to
+        the mixer, and the decision is logged."""
         batch = int(state.timestamp.batch)
-        if batch == self.last_update_batch:
+        if not self._ready_to_update(batch, losses):
             return
+        decided = self._decide(state, losses, batch) if dist.get_global_rank() == 0 else None
+        decision = self._share(decided, batch)
+        effective_batch, applied = self._apply(state, decision.proportions)
+        self.last_update_batch = batch
+        self.num_updates += 1
+        self._log(state, logger, self._schedule_record(batch, effective_batch, losses, decision, applied))
+
+    def _ready_to_update(self, batch: int, losses: np.ndarray) -> bool:
+        """False (after a log line, or an error under `on_nan: error`) when this update must be skipped."""
+        assert self.policy is not None
+        if batch == self.last_update_batch:
+            return False
         bad = [domain for domain, value in zip(self.domains, losses, strict=True) if not np.isfinite(value)]
         if bad:
             self._non_finite(bad, batch, "loss")
-            return
+            return False
         if not self.policy.ready:
             log.info("DataScheduler: step %d waits for reference losses (reference_losses: source is measured "
                      "at the first eval)", batch)
-            return
+            return False
+        return True
 
-        payload: dict[str, Any] | None = None
-        if dist.get_global_rank() == 0:
-            payload = self._decide(state, losses, batch)
-        shared = [payload]
-        dist.broadcast_object_list(shared, src=0)
-        payload = shared[0]
-        assert payload is not None
-        if "error" in payload:
-            raise RuntimeError(f"DataScheduler: the policy failed on rank 0 at step {batch}: {payload['error']}")
-        if dist.get_global_rank() != 0:
-            self.policy.load_state_dict(payload["policy"])
-
-        proportions = np.asarray(payload["proportions"], dtype=np.float64)
-        dataset = state.train_dataloader.dataset
-        effective_batch = int(dataset.set_proportions(proportions))
-        # Log what the mixer holds (it renormalises), so schedule.jsonl is exactly what was sampled from.
-        payload["proportions"] = [float(p) for p in dataset.proportions_at(effective_batch)]
-        self.last_update_batch = batch
-        self.num_updates += 1
-        self._log(state, logger, payload, losses, batch, effective_batch)
-
-    def _decide(self, state: State, losses: np.ndarray, batch: int) -> dict[str, Any]:
-        """Rank 0: the policy's decision and new state as plain types (or the error, for the other ranks)."""
+    def _decide(self, state: State, losses: np.ndarray, batch: int) -> SharedDecision | str:
+        """Rank 0: the policy's decision and new state, or the error as text for the other ranks."""
         assert self.policy is not None
-        stats = unwrap_model(state.model).pruning_stats()
+        stats = _model(state).pruning_stats()
         observation = Observation(
             losses=losses, tokens=self.tokens.copy(), progress=batch / self.max_batches,
             params=None if stats is None else float(stats["expected_params"]),
             params_end=None if stats is None else float(stats["target_params"]))
         try:
             decision = self.policy.update(observation)
-        except Exception as error:  # every rank must leave the broadcast; rank 0 re-raises below
+        except Exception as error:  # every rank must leave the broadcast; every rank raises in `_share`
             log.exception("DataScheduler: policy update failed at step %d", batch)
-            return {"error": repr(error)}
-        return {
-            "proportions": decision.proportions.tolist(),
-            "reference_losses": None if decision.reference_losses is None else decision.reference_losses.tolist(),
-            "reference_ratio": decision.reference_ratio.tolist(),
-            "expected_params": observation.params,
-            "policy": self.policy.state_dict(),
-        }
+            return repr(error)
+        return SharedDecision(
+            proportions=decision.proportions.tolist(),
+            reference_losses=None if decision.reference_losses is None else decision.reference_losses.tolist(),
+            reference_ratio=decision.reference_ratio.tolist(),
+            expected_params=observation.params,
+            policy_state=self.policy.state_dict())
 
-    def _log(self, state: State, logger: Logger, payload: dict[str, Any], losses: np.ndarray, batch: int,
-             effective_batch: int) -> None:
+    def _share(self, decided: SharedDecision | str | None, batch: int) -> SharedDecision:
+        """Broadcast rank 0's decision (None on the other ranks) and give every rank rank 0's policy state."""
+        assert self.policy is not None
+        shared: list[SharedDecision | str | None] = [decided]
+        dist.broadcast_object_list(shared, src=0)
+        received = shared[0]
+        assert received is not None
+        if isinstance(received, str):
+            raise RuntimeError(f"DataScheduler: the policy failed on rank 0 at step {batch}: {received}")
+        if dist.get_global_rank() != 0:
+            self.policy.load_state_dict(received.policy_state)
+        return received
+
+    @staticmethod
+    def _apply(state: State, proportions: Sequence[float]) -> tuple[int, list[float]]:
+        """Hand q to the mixer: the batch it takes effect at, and what the mixer holds (it renormalises)."""
+        dataset = _mixer(state)
+        effective_batch = int(dataset.set_proportions(np.asarray(proportions, dtype=np.float64)))
+        return effective_batch, [float(p) for p in dataset.proportions_at(effective_batch)]
+
+    def _schedule_record(self, batch: int, effective_batch: int, losses: np.ndarray, decision: SharedDecision,
+                         applied: Sequence[float]) -> dict[str, Any]:
+        """One `schedule.jsonl` line; its proportions are the mixer's, exactly what was sampled from."""
         def by_domain(values: Sequence[float] | None) -> dict[str, float] | None:
             return None if values is None else dict(zip(self.domains, (float(v) for v in values), strict=True))
 
-        record = {
+        return {
             "step": batch,
             "effective_batch": effective_batch,
             "losses": by_domain(losses.tolist()),
-            "reference_losses": by_domain(payload["reference_losses"]),
-            "reference_ratio": by_domain(payload["reference_ratio"]),
-            "proportions": by_domain(payload["proportions"]),
+            "reference_losses": by_domain(decision.reference_losses),
+            "reference_ratio": by_domain(decision.reference_ratio),
+            "proportions": by_domain(applied),
             "tokens": by_domain(self.tokens.tolist()),
-            "expected_params": payload["expected_params"],
+            "expected_params": decision.expected_params,
         }
+
+    @staticmethod
+    def _log(state: State, logger: Logger, record: dict[str, Any]) -> None:
+        """The record's per-domain values to the loggers, and the record to `schedule.jsonl` (rank 0 only)."""
         metrics = {}
         for key, name in (("losses", "loss"), ("reference_losses", "reference_loss"),
                           ("reference_ratio", "reference_ratio"), ("proportions", "proportion")):
@@ -406,3 +473,17 @@ class DataScheduler(Callback):
         self.source_measured = bool(state["source_measured"])
         self.last_update_batch = int(state["last_update_batch"])
         self.num_updates = int(state["num_updates"])
+
+
+def _mixer(state: State) -> MixtureDataset:
+    dataset = state.train_dataloader.dataset if state.train_dataloader is not None else None
+    if not isinstance(dataset, MixtureDataset):
+        raise TypeError("DataScheduler needs the domain_mixture train loader (a DomainMixtureDataset)")
+    return dataset
+
+
+def _model(state: State) -> DomainStatsModel:
+    model = unwrap_model(state.model)
+    if not isinstance(model, DomainStatsModel):
+        raise TypeError("DataScheduler needs a model with per-domain statistics (drpruning_causal_lm)")
+    return model
