@@ -50,10 +50,18 @@ def _as_float(value: Any) -> float | None:
 class JSONLMetricsLogger(LoggerDestination):
     """Append each `log_metrics(metrics, step)` call as `{"step": step, name: value, ...}` to `metrics.jsonl`.
 
+    yaml (LLM-Foundry registers it as `jsonl`):
+        loggers:
+          jsonl: {}                        # or {folder: ..., filename: ...}
+
     Args:
         folder: where to write; `{run_name}` is substituted. Defaults to the run folder
             (`drpruning.runs.run_folder`), next to the checkpoints, so a resumed run finds its own file.
-        filename: the file name inside `folder`.
+        filename: the file name inside `folder`. Defaults to `metrics.jsonl`, the name plots and the
+            ablation script read.
+
+    Non-scalar values (strings, vectors) are left out. The metric keys drpruning's components log are
+    spelled in `drpruning.runs`.
 
     Only global rank 0 writes. Records logged before the run starts (the standalone eval of `eval_first`,
     else FIT_START) are held back and written once the file has been started or cut back for this run.

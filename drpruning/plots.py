@@ -3,8 +3,8 @@
 Inputs (all optional; what is missing is said on the page):
 - `schedule.jsonl` (data scheduler): sampling proportions q, reference ratio p_R, per-domain and reference
   losses over steps (paper Figure 5);
-- `metrics.jsonl` (`JSONLMetricsLogger`): expected vs target sparsity, Lagrange multipliers, LM and
-  Lagrangian losses, per-domain eval loss;
+- `metrics.jsonl` (`JSONLMetricsLogger`): expected vs target sparsity and Lagrange multipliers (logged by
+  the pruning callback), LM and Lagrangian losses, per-domain eval loss (metric keys: `drpruning.runs`);
 - `masks/ba<step>.pt` (pruning callback): how fast each granularity's masks settle (paper Figure 7);
 - `data_usage.json`: tokens used per domain (paper Table 3).
 
@@ -28,19 +28,30 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from drpruning.pruning.shapes import PRUNING_MODULES
-from drpruning.runs import DATA_USAGE_FILE, MASKS_DIR, MASKS_META_FILE, METRICS_FILE, SCHEDULE_FILE
+from drpruning.runs import (
+    DATA_USAGE_FILE,
+    EVAL_LOSS_PREFIX,
+    EVAL_LOSS_SUFFIX,
+    EVAL_MASKS_KEPT_PREFIX,
+    MASKS_DIR,
+    MASKS_META_FILE,
+    METRICS_FILE,
+    PLOTS_DIR,
+    PRUNING_METRICS_PREFIX,
+    SCHEDULE_FILE,
+    TRAIN_LOSS_PREFIX,
+    eval_loss_domain,
+)
 
 GRANULARITIES = PRUNING_MODULES
-EXPECTED_SPARSITY = "loss/train/expected_sparsity/"
-TARGET_SPARSITY = "loss/train/target_sparsity/"
-LAMBDA_1 = "loss/train/lambda_1/"
-LAMBDA_2 = "loss/train/lambda_2/"
-LM_LOSS = "loss/train/lm_loss"
-LAGRANGIAN_LOSS = "loss/train/lagrangian_loss"
-EVAL_KEPT = "metrics/eval_masks/kept/"  # mean kept units per row of the model each eval scored
+EXPECTED_SPARSITY = PRUNING_METRICS_PREFIX + "expected_sparsity/"
+TARGET_SPARSITY = PRUNING_METRICS_PREFIX + "target_sparsity/"
+LAMBDA_1 = PRUNING_METRICS_PREFIX + "lambda_1/"
+LAMBDA_2 = PRUNING_METRICS_PREFIX + "lambda_2/"
+LM_LOSS = TRAIN_LOSS_PREFIX + "lm_loss"
+LAGRANGIAN_LOSS = TRAIN_LOSS_PREFIX + "lagrangian_loss"
 SOURCE_SIZE_KEYS = {"layer": "n_layers", "head": "n_kv_heads", "intermediate": "intermediate_size",
                     "hidden": "hidden_size"}
-EVAL_LOSS = re.compile(r"^metrics/eval/(?:(?P<domain>.+)/)?LanguageCrossEntropy$")
 MASK_FILE = re.compile(r"^ba(\d+)\.pt$")
 
 Curve = tuple[np.ndarray, np.ndarray]  # (steps, values)
@@ -153,9 +164,9 @@ class RunData:
         """Per-domain eval cross-entropy from `metrics.jsonl` (an unlabelled evaluator is called `eval`)."""
         curves = {}
         for name, curve in self.metrics.items():
-            match = EVAL_LOSS.match(name)
-            if match:
-                curves[match.group("domain") or "eval"] = curve
+            domain = eval_loss_domain(name)
+            if domain is not None:
+                curves[domain or "eval"] = curve
         return curves
 
     def modules(self, prefix: str) -> list[str]:
@@ -245,8 +256,8 @@ def plot_sparsity(run: RunData, path: Path) -> None:
         if TARGET_SPARSITY + module in run.metrics:
             axis.plot(*run.metrics[TARGET_SPARSITY + module], color="black", linestyle="--", label="target")
         size = ((run.meta or {}).get("l0", {}).get("source_shape") or {}).get(SOURCE_SIZE_KEYS.get(module, ""))
-        if EVAL_KEPT + module in run.metrics and size:
-            steps, kept = run.metrics[EVAL_KEPT + module]
+        if EVAL_MASKS_KEPT_PREFIX + module in run.metrics and size:
+            steps, kept = run.metrics[EVAL_MASKS_KEPT_PREFIX + module]
             axis.plot(steps, 1.0 - kept / size, color="C2", marker="o", linestyle="none", markersize=3,
                       label="model scored by evals")
         _label(axis, f"{module}: expected vs target sparsity", "sparsity")
@@ -321,7 +332,7 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"no run folder at {run_dir}")
-    out = Path(out_dir) if out_dir is not None else run_dir / "plots"
+    out = Path(out_dir) if out_dir is not None else run_dir / PLOTS_DIR
     out.mkdir(parents=True, exist_ok=True)
     run = RunData.load(run_dir)
     colors = _Colors(run.domains)
@@ -369,7 +380,8 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
 
     eval_curves = run.eval_losses()
     if eval_curves:
-        eval_title, eval_caption = "Eval loss per domain", "From `metrics/eval/<domain>/LanguageCrossEntropy`."
+        eval_title = "Eval loss per domain"
+        eval_caption = f"From `{EVAL_LOSS_PREFIX}<domain>{EVAL_LOSS_SUFFIX}`."
     else:
         eval_curves = schedule_curves(run.schedule, "losses")
         eval_title = "Per-domain loss seen by the data scheduler"

@@ -1,5 +1,6 @@
-"""Small helpers shared by the callbacks: where a run writes its artefacts, rank-0 file writes, and the
-check that a run starting from scratch does not write into (or truncate) the files of an earlier run.
+"""Small helpers shared by the callbacks: where a run writes its artefacts, the metric keys it logs, rank-0
+file writes, and the check that a run starting from scratch does not write into (or truncate) the files of an
+earlier run.
 
 A run folder holds one run. When a run starts from batch 0 in a folder that already holds run artefacts
 (checkpoints, `metrics.jsonl`, `schedule.jsonl`, `masks/`, ...), the writers
@@ -50,6 +51,15 @@ PLOTS_DIR = "plots"  # scripts/plot_run.py
 HF_CHECKPOINTS_DIR = "huggingface"  # LLM-Foundry's hf_checkpointer
 PRUNING_STATE_KEY = "PruningCallback"  # Composer keys a callback's checkpointed state by its class name
 
+# The metric keys in `metrics.jsonl`, spelled once: the callbacks log them; plots and the ablation script read them.
+TRAIN_LOSS_PREFIX = "loss/train/"  # Composer: `loss/train/<name>` for each entry of the model's loss dict
+PRUNING_METRICS_PREFIX = "metrics/pruning/"  # each step: `<stat>/<module>`, `expected_params` (pruning/callback.py)
+EVAL_MASKS_KEPT_PREFIX = "metrics/eval_masks/kept/"  # `<module>`: mean kept units per row of the model an eval scored
+EVAL_MASKS_PARAMS_KEY = "metrics/eval_masks/params"  # the parameter count of that model (pruning/callback.py)
+EVAL_LOSS_PREFIX = "metrics/eval/"  # Composer: `metrics/eval/<domain>/LanguageCrossEntropy` for evaluator eval/<domain>
+EVAL_LOSS_SUFFIX = "/LanguageCrossEntropy"
+DATA_METRICS_PREFIX = "metrics/data/"  # `<domain>/<name>` of the data scheduler (scheduling/scheduler.py)
+
 REPLACED_PREFIX = ".replaced-"
 _CHECKPOINT = re.compile(r"^(ep\d+-ba\d+(-rank\d+)?|latest-rank\d+)(\.pt)?(\.tar)?(\.symlink)?$")
 _RUN_FILES = {METRICS_FILE, SCHEDULE_FILE, DATA_USAGE_FILE, MASKS_DIR, PLOTS_DIR, HF_CHECKPOINTS_DIR, "runtime_s.txt",
@@ -62,6 +72,17 @@ _STARTED_ATTR = "_drpruning_run_folder_started"
 def masks_file(folder: Path, step: int) -> Path:
     """The target masks dumped at `step` (after that step's eval; step 0: the importance-ordered start)."""
     return folder / MASKS_DIR / f"ba{step}.pt"
+
+
+def eval_loss_domain(key: str) -> str | None:
+    """The domain of an eval-loss key `metrics/eval/<domain>/LanguageCrossEntropy`, "" for the key of an
+    unlabelled evaluator (`metrics/eval/LanguageCrossEntropy`), None for any other key."""
+    if key == EVAL_LOSS_PREFIX + EVAL_LOSS_SUFFIX.removeprefix("/"):
+        return ""
+    if len(key) > len(EVAL_LOSS_PREFIX) + len(EVAL_LOSS_SUFFIX) and key.startswith(EVAL_LOSS_PREFIX) \
+            and key.endswith(EVAL_LOSS_SUFFIX):
+        return key[len(EVAL_LOSS_PREFIX):-len(EVAL_LOSS_SUFFIX)]
+    return None
 
 
 def run_folder(state: State) -> Path:

@@ -38,7 +38,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from a checkout: the drpruning next to it
 
 from drpruning.pruning.shapes import PRUNING_MODULES  # noqa: E402
-from drpruning.runs import DATA_USAGE_FILE, METRICS_FILE, SCHEDULE_FILE  # noqa: E402
+from drpruning.runs import (  # noqa: E402
+    DATA_USAGE_FILE,
+    EVAL_MASKS_PARAMS_KEY,
+    METRICS_FILE,
+    SCHEDULE_FILE,
+    eval_loss_domain,
+)
 from drpruning.scheduling.policies import POLICY_NAMES  # noqa: E402
 
 POLICIES = POLICY_NAMES
@@ -198,13 +204,12 @@ def first_evals(run: Path) -> dict[str, float]:
     first periodic eval of the current model), and the parameter count that second eval scored."""
     by_step: dict[int, dict[str, float]] = {}
     params: dict[int, float] = {}
-    prefix, suffix = "metrics/eval/", "/LanguageCrossEntropy"
     for line in (run / METRICS_FILE).read_text().splitlines():
         record = json.loads(line)
         for key, value in record.items():
-            if key.startswith(prefix) and key.endswith(suffix):
-                by_step.setdefault(record["step"], {})[key[len(prefix):-len(suffix)]] = value
-            if key == "metrics/eval_masks/params":
+            if (domain := eval_loss_domain(key)) is not None:
+                by_step.setdefault(record["step"], {})[domain] = value
+            if key == EVAL_MASKS_PARAMS_KEY:
                 params[record["step"]] = value
     steps = sorted(by_step)[:2]
     result = {f"step{s}": statistics.fmean(by_step[s].values()) for s in steps}

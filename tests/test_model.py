@@ -57,9 +57,13 @@ def test_pruning_model_reports_stats_and_needs_its_callback(tiny_assets):
         model(batch)
     model.l0_module.train_step = 3
     losses = model.loss(model(batch), batch)
-    assert {"lm_loss", "lagrangian_loss", "expected_sparsity/head", "lambda_1/hidden"} <= set(losses)
+    assert set(losses) == {"total", "lm_loss", "lagrangian_loss"}, "the loss dict holds only losses"
     stats = model.pruning_stats()
+    assert {"expected_sparsity/head", "target_sparsity/layer", "lambda_1/hidden", "lambda_2/intermediate"} <= set(stats)
     assert stats["target_params"] < stats["expected_params"] <= stats["source_params"]
+    with torch.no_grad():
+        model.l0_module.lambda_1["hidden"].add_(1.0)  # as the optimizer step after the forward does
+    assert model.pruning_stats()["lambda_1/hidden"] == stats["lambda_1/hidden"], "the forward's values, kept"
 
 
 @pytest.mark.parametrize("block,message", [

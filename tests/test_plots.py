@@ -67,13 +67,15 @@ def write_masks(run: Path) -> None:
 def write_metrics(run: Path) -> None:
     records = []
     for step in range(0, 101, 10):
-        record = {"step": step, "loss/train/lm_loss": 4.0 - step / 100, "loss/train/lagrangian_loss": 0.1 * step}
+        # As a run writes them: the pruning callback's line, then Composer's losses at the same step.
+        stats = {"step": step}
         for module in MODULES:
-            record[f"loss/train/expected_sparsity/{module}"] = min(step / 80, 1.0) * 0.5
-            record[f"loss/train/target_sparsity/{module}"] = min(step / 50, 1.0) * 0.5
-            record[f"loss/train/lambda_1/{module}"] = -0.01 * step
-            record[f"loss/train/lambda_2/{module}"] = 0.02 * step
-        records.append(record)
+            stats[f"metrics/pruning/expected_sparsity/{module}"] = min(step / 80, 1.0) * 0.5
+            stats[f"metrics/pruning/target_sparsity/{module}"] = min(step / 50, 1.0) * 0.5
+            stats[f"metrics/pruning/lambda_1/{module}"] = -0.01 * step
+            stats[f"metrics/pruning/lambda_2/{module}"] = 0.02 * step
+        records.append(stats)
+        records.append({"step": step, "loss/train/lm_loss": 4.0 - step / 100, "loss/train/lagrangian_loss": 0.1 * step})
         records += [{"step": step, f"metrics/eval/{domain}/LanguageCrossEntropy": 3.0 - step / 200}
                     for domain in DOMAINS]  # fmt: skip
     write_jsonl(run / "metrics.jsonl", records)

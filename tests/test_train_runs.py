@@ -20,8 +20,8 @@ def _train_metric(run, name: str) -> list[float]:
 
 def _assert_masks_and_multipliers_trained(run) -> None:
     """The gates and multipliers really receive updates through the distributed wrapper."""
-    sparsity = _train_metric(run, "loss/train/expected_sparsity/layer")
-    lambdas = _train_metric(run, "loss/train/lambda_1/layer")
+    sparsity = _train_metric(run, "metrics/pruning/expected_sparsity/layer")
+    lambdas = _train_metric(run, "metrics/pruning/lambda_1/layer")
     assert sparsity[-1] > sparsity[0] + 1e-3, sparsity
     assert lambdas[0] == 0.0 and lambdas[-1] != 0.0, lambdas
 

@@ -1,6 +1,7 @@
 """The `pruning` callback: feeds the train step to the masks, keeps log alpha in range, checks that the
-optimizer trains masks and Lagrange multipliers as the method needs, logs the size of the model each
-eval scored, and dumps the target-shape masks (the architecture an export at that step would keep).
+optimizer trains masks and Lagrange multipliers as the method needs, logs the masks' statistics each step
+and the size of the model each eval scored, and dumps the target-shape masks (the architecture an export
+at that step would keep).
 With `l0_module.init: importance` it also orders the gates by a calibration pass at Event.INIT, before
 DDP/FSDP wrapping and before a checkpoint is loaded (so a resumed run's checkpointed gates win).
 
@@ -22,8 +23,11 @@ from drpruning.pruning.importance import Importance, importance_for_run, write_i
 from drpruning.pruning.masks import L0Module
 from drpruning.pruning.shapes import module_sizes
 from drpruning.runs import (
+    EVAL_MASKS_KEPT_PREFIX,
+    EVAL_MASKS_PARAMS_KEY,
     MASKS_DIR,
     MASKS_META_FILE,
+    PRUNING_METRICS_PREFIX,
     check_run_folder,
     masks_file,
     run_folder,
@@ -32,9 +36,8 @@ from drpruning.runs import (
     write_json,
 )
 
-# Logged at every eval: mean kept units per row of each mask, and the parameter count of the scored model.
-EVAL_KEPT_PREFIX = "metrics/eval_masks/kept/"
-EVAL_PARAMS_KEY = "metrics/eval_masks/params"
+# Sizes that never change during a run; `masks/meta.json` holds them, so they are not logged each step.
+CONSTANT_STATS = ("source_params", "target_params")
 
 OPTIMIZER_HELP = """\
 optimizer:
@@ -48,9 +51,18 @@ optimizer:
 class PruningCallback(Callback):
     """Drives and records an `L0Module` training run.
 
+    yaml (LLM-Foundry registers it as `pruning`):
+        callbacks:
+          pruning:
+            save_masks: true
+
     Args:
         save_masks: write `<run folder>/masks/ba<step>.pt` after every eval: the target-count masks, i.e.
-            the architecture an export at that step keeps (whatever `eval_masks` the evals score).
+            the architecture an export at that step keeps (whatever `eval_masks` the evals score), and
+            `masks/meta.json`. Default true.
+
+    Logs each train step `metrics/pruning/<stat>/<module>` (expected and target sparsity, the multipliers
+    λ1 and λ2) and `metrics/pruning/expected_params`, and after each eval `metrics/eval_masks/*`.
     """
 
     def __init__(self, save_masks: bool = True):
@@ -117,6 +129,14 @@ class PruningCallback(Callback):
     def batch_start(self, state: State, logger: Logger) -> None:
         self._l0(state)[1].train_step = int(state.timestamp.batch)
 
+    def after_train_batch(self, state: State, logger: Logger) -> None:
+        """The statistics of this step's forward, logged once per batch (after every microbatch, before the
+        optimizer step, at the same step as its `loss/train/*`). Every rank holds the same values."""
+        stats = self._l0(state)[0].pruning_stats()
+        if stats is not None:
+            logger.log_metrics({PRUNING_METRICS_PREFIX + name: value for name, value in stats.items()
+                                if name not in CONSTANT_STATS})  # fmt: skip
+
     def batch_end(self, state: State, logger: Logger) -> None:
         self._l0(state)[1].clamp_log_alpha_()
 
@@ -131,12 +151,12 @@ class PruningCallback(Callback):
         # The size of the model these evals scored (the `eval_masks` choice), so plots can show it.
         if model.evaluate_source or model.last_eval_masks is None:  # all gates open: the source model
             sizes = module_sizes(l0.source)
-            metrics = {f"{EVAL_KEPT_PREFIX}{m}": float(sizes[m]) for m in l0.pruning_modules}
-            metrics[EVAL_PARAMS_KEY] = float(l0.source.num_params())
+            metrics = {f"{EVAL_MASKS_KEPT_PREFIX}{m}": float(sizes[m]) for m in l0.pruning_modules}
+            metrics[EVAL_MASKS_PARAMS_KEY] = float(l0.source.num_params())
         else:
             scored = {m: t.detach().float().cpu() for m, t in model.last_eval_masks.items()}
-            metrics = {f"{EVAL_KEPT_PREFIX}{m}": kept for m, kept in L0Module.kept_units(scored).items()}
-            metrics[EVAL_PARAMS_KEY] = float(l0.expected_params(scored))
+            metrics = {f"{EVAL_MASKS_KEPT_PREFIX}{m}": kept for m, kept in L0Module.kept_units(scored).items()}
+            metrics[EVAL_MASKS_PARAMS_KEY] = float(l0.expected_params(scored))
         logger.log_metrics(metrics)
         masks = l0.last_target_masks
         if not self.save_masks or step == 0 or masks is None or dist.get_global_rank() != 0:

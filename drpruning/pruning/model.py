@@ -129,7 +129,8 @@ class DRPruningCausalLM(ComposerHFCausalLM):
             masks, self._lagrangian, stats = self.l0_module()
             self.mask_state.set(masks)
             if self.training:
-                self._pruning_stats = stats
+                # A copy: the multipliers in `stats` are views of parameters the optimizer step changes.
+                self._pruning_stats = {name: value.clone() for name, value in stats.items()}
             else:
                 self.last_eval_masks = masks
         # Labels are left out: `loss` computes token-level CE once, for the mean and the per-domain sums.
@@ -150,11 +151,13 @@ class DRPruningCausalLM(ComposerHFCausalLM):
         if self._lagrangian is not None:
             losses["total"] = lm_loss + self._lagrangian
             losses["lagrangian_loss"] = self._lagrangian.detach()
-            losses.update(self._pruning_stats)
         return losses
 
     def pruning_stats(self) -> dict[str, float] | None:
-        """Python floats from the last training forward (None without an l0_module or before training)."""
+        """Python floats from the last training forward (None without an l0_module or before training):
+        `expected_sparsity/<m>`, `target_sparsity/<m>`, `lambda_1/<m>`, `lambda_2/<m>`, `expected_params`, and
+        the constant `source_params`, `target_params`. The `pruning` callback logs them; the loss dict holds
+        only losses."""
         if self.l0_module is None or not self._pruning_stats:
             return None
         stats = {k: float(v) for k, v in self._pruning_stats.items()}
