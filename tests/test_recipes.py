@@ -1,9 +1,11 @@
 """The shipped recipes are valid without GPUs or 7B weights.
 
-Every yaml in `yamls/` and `yamls/tiny/` goes through LLM-Foundry's own config validation (with the
-`domain_eval` transform expanded against a stub data folder), its pruning target is checked against a
-hand-written source config, its optimizer groups are built by foundry's builder on a tiny model and checked
-by the `pruning` callback's own check, and its callbacks are built from the registry.
+Every yaml in `yamls/`, `yamls/tiny/` and `yamls/demo/` goes through LLM-Foundry's own config validation
+(with the `domain_eval` transform expanded against a stub data folder), its pruning target is checked against
+its source model's shape, its optimizer groups are built by foundry's builder on a tiny model and checked by
+the `pruning` callback's own check, and its callbacks are built from the registry. Most checks are
+invariants (a target fits its source, domains agree everywhere, schedules fit the run); `test_paper_defaults`
+and `test_target_size_matches_the_paper` pin the paper's own settings.
 """
 
 from __future__ import annotations
@@ -32,17 +34,22 @@ from omegaconf import DictConfig
 from omegaconf import OmegaConf as om
 from torch.distributed.fsdp import ShardingStrategy
 
-from drpruning.demo.tiny import tiny_config, tiny_model
+from drpruning.data.prepare import load_manifest
+from drpruning.demo import corpus as demo_corpus
+from drpruning.demo.smollm2 import EXPECTED_SHAPE as SMOLLM2_135M
+from drpruning.demo.tiny import TINY_KINDS, tiny_config, tiny_model
 from drpruning.pruning.callback import check_optimizer_groups
-from drpruning.pruning.masks import L0Module
-from drpruning.pruning.shapes import ModelShape, target_shape
+from drpruning.pruning.importance import CalibrationConfig
+from drpruning.pruning.masks import L0Module, parse_batches
+from drpruning.pruning.shapes import TARGET_KEYS, ModelShape, target_shape
 from drpruning.scheduling.policies import POLICY_NAMES
 from drpruning.scheduling.scheduler import DataScheduler
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER_RECIPES = sorted((REPO / "yamls").glob("*.yaml"))
 TINY_RECIPES = sorted((REPO / "yamls" / "tiny").glob("*.yaml"))
-ALL_RECIPES = PAPER_RECIPES + TINY_RECIPES
+DEMO_RECIPES = sorted((REPO / "yamls" / "demo").glob("*.yaml"))
+ALL_RECIPES = PAPER_RECIPES + TINY_RECIPES + DEMO_RECIPES
 POLICIES = POLICY_NAMES
 
 LLAMA2_7B = {
@@ -67,7 +74,11 @@ CPT_OF_PRUNING = {
     "cpt_1.3b.yaml": "prune_1.3b.yaml",
     "cpt_2.7b.yaml": "prune_2.7b.yaml",
     "cpt_qwen2_1.8b.yaml": "prune_qwen2_1.8b.yaml",
+    "demo/cpt_smollm2.yaml": "demo/prune_smollm2.yaml",
 }
+# Which unit a pruning module removes, so a module left out keeps that size of the source.
+SIZE_OF_MODULE = {"layer": "n_layers", "head": "n_kv_heads", "intermediate": "intermediate_size",
+                  "hidden": "hidden_size"}
 
 
 def hsdp_overrides(nodes: int) -> list[str]:
@@ -94,6 +105,31 @@ def recipe_domains(cfg: DictConfig) -> list[str]:
     return list(cfg.train_loader.proportions)
 
 
+def relative_name(path: Path) -> str:
+    return str(path.relative_to(REPO / "yamls"))
+
+
+def source_shape(path: Path, cfg: dict[str, Any]) -> ModelShape:
+    """The shape of the model a pruning recipe starts from: the paper's 7B sources (hand-written above),
+    the tiny random model its `variables.source` names, or SmolLM2-135M for the demo."""
+    if path.name in PRUNING:
+        return ModelShape.from_hf_config(PRUNING[path.name][0])
+    if path.parent.name == "demo":
+        return ModelShape.from_hf_config(SMOLLM2_135M)
+    kind = Path(cfg["variables"]["source"]).name
+    assert kind in TINY_KINDS, f"{path.name} starts from {cfg['variables']['source']}, not a tiny model"
+    return ModelShape.from_hf_config(tiny_config(kind))
+
+
+def prepared_domains(path: Path, request: pytest.FixtureRequest) -> list[str] | None:
+    """The domains of the data folder the project prepares for this recipe (None: the user brings it)."""
+    if path.parent.name == "tiny":
+        return [entry["name"] for entry in load_manifest(request.getfixturevalue("tiny_assets") / "mds")["domains"]]
+    if path.parent.name == "demo":
+        return demo_corpus.domains()  # scripts/demo.py prepares every corpus domain
+    return None
+
+
 def stub_data_dir(root: Path, domains: list[str], seq_len: int) -> Path:
     """A `prepare_data`-shaped folder with just what the `domain_eval` transform reads (no tokens)."""
     manifest = {"seq_len": seq_len, "domains": [{"name": domain} for domain in domains]}
@@ -107,8 +143,9 @@ def stub_data_dir(root: Path, domains: list[str], seq_len: int) -> Path:
 
 def test_every_recipe_is_found() -> None:
     names = {path.name for path in PAPER_RECIPES}
-    assert names == set(PRUNING) | set(CPT_OF_PRUNING)
+    assert names == set(PRUNING) | {name for name in CPT_OF_PRUNING if "/" not in name}
     assert len(TINY_RECIPES) >= 2
+    assert {relative_name(path) for path in DEMO_RECIPES} <= set(CPT_OF_PRUNING) | set(CPT_OF_PRUNING.values())
 
 
 def validate_with_foundry(path: Path, tmp_path: Path, overrides: list[str] | None = None) -> Any:
@@ -156,21 +193,43 @@ def test_hybrid_sharding_variant(path: Path, tmp_path: Path, monkeypatch: pytest
     assert meshes == [((nodes, gpus_per_node), ("data_parallel_replicate", "data_parallel_shard"))]
 
 
+PRUNING_RECIPES = [path for path in ALL_RECIPES if "l0_module" in om.load(path).model]
+
+
+@pytest.mark.parametrize("path", PRUNING_RECIPES, ids=relative_name)
+def test_target_shape_fits_its_source(path: Path) -> None:
+    """Every size shrinks or stays, the model gets smaller, KV groups are pruned whole (so the query heads
+    per group and the head size stay), and a size no pruning module removes stays the source's."""
+    cfg = resolved(load_recipe(path))
+    l0_config = cfg["model"]["l0_module"]
+    source = source_shape(path, cfg)
+    target = target_shape(source, l0_config["target"], l0_config["pruning_modules"])
+    for key in TARGET_KEYS:
+        assert 1 <= getattr(target, key) <= getattr(source, key), key
+    assert target.num_params() < source.num_params()
+    assert target.n_heads % target.n_kv_heads == 0
+    assert target.heads_per_group == source.heads_per_group
+    assert target.head_dim == source.head_dim
+    for module, size in SIZE_OF_MODULE.items():
+        if module not in l0_config["pruning_modules"]:
+            assert getattr(target, size) == getattr(source, size), f"{size} changes without {module!r} pruning"
+    # The model builds exactly this module from the block (calibration apart), so its keys must all be accepted.
+    l0 = L0Module(source, **{key: value for key, value in l0_config.items() if key != "calibration"})
+    assert l0.target == target
+    if l0_config.get("init") == "importance":
+        CalibrationConfig.from_dict(l0_config["calibration"])
+    assert 0 < l0.lagrangian_warmup < parse_batches(cfg["max_duration"], "max_duration")
+
+
 @pytest.mark.parametrize("name", sorted(PRUNING))
-def test_target_shape_and_size(name: str) -> None:
+def test_target_size_matches_the_paper(name: str) -> None:
+    """The paper's model sizes from the paper's sources: here the numbers are the point."""
     source_config, nominal = PRUNING[name]
     l0_config = resolved(load_recipe(REPO / "yamls" / name))["model"]["l0_module"]
     source = ModelShape.from_hf_config(source_config)
     assert source.num_params() == SOURCE_PARAMS[source_config["model_type"]]
-
     target = target_shape(source, l0_config["target"], l0_config["pruning_modules"])
     assert abs(target.num_params() - nominal) / nominal < SIZE_TOLERANCE, target.num_params()
-    assert target.head_dim == source.head_dim == 128
-    assert target.heads_per_group == source.heads_per_group
-    # The model builds exactly this module from the block, so its keys must all be accepted.
-    l0 = L0Module(source, **l0_config)
-    assert l0.lagrangian_warmup == 640
-    assert l0.target == target
 
 
 def _tiny_pruning_holder() -> torch.nn.Module:
@@ -204,23 +263,41 @@ def test_optimizer_groups(path: Path) -> None:
     gate_lrs = {lr for n, lr in lr_of.items() if n.startswith("l0_module.gates.")}
     model_lrs = {lr for n, lr in lr_of.items() if n.startswith("model.")}
     assert len(lambda_lrs) == len(gate_lrs) == len(model_lrs) == 1
-    assert lambda_lrs.pop() < 0
-    if path.parent.name == "yamls":
-        assert (gate_lrs.pop(), model_lrs.pop()) == (1.0, 1.0e-4)
-        assert [group["lr"] for group in cfg["optimizer"]["param_groups"]] == [-1.0, 1.0]
+    # Each set gets the rate the recipe declares for it: λ ascends, the masks and the model descend.
+    declared = {group["param_str_match"]: group["lr"] for group in cfg["optimizer"]["param_groups"]}
+    assert lambda_lrs == {declared[r"l0_module\.lambda_"]} and lambda_lrs.pop() < 0
+    assert gate_lrs == {declared[r"l0_module\.gates\."]} and gate_lrs.pop() > 0
+    assert model_lrs == {cfg["optimizer"]["lr"]}
 
 
 @pytest.mark.parametrize("path", ALL_RECIPES, ids=lambda p: str(p.relative_to(REPO)))
-def test_data_and_scheduler_agree(path: Path) -> None:
+def test_data_and_scheduler_agree(path: Path, request: pytest.FixtureRequest) -> None:
     cfg = resolved(load_recipe(path))
     proportions = cfg["train_loader"]["proportions"]
     assert sum(proportions.values()) == pytest.approx(1.0, abs=1e-9)
+    assert min(proportions.values()) > 0, "a domain at 0 is never trained on"
     assert cfg["eval_loader"]["data_dir"] == cfg["train_loader"]["data_dir"]
     assert "domains" not in cfg["eval_loader"], "evaluate every domain of the data folder"
     scheduler = cfg["callbacks"]["data_scheduler"]
     if isinstance(scheduler["reference_losses"], dict):
         assert list(scheduler["reference_losses"]) == list(proportions)
+    domains = prepared_domains(path, request)
+    if domains is not None:
+        assert sorted(proportions) == sorted(domains)
     DataScheduler(**scheduler)
+
+
+@pytest.mark.parametrize("path", ALL_RECIPES, ids=lambda p: str(p.relative_to(REPO)))
+def test_schedules_fit_the_run(path: Path) -> None:
+    """The scheduler's losses come from the evals (eval_interval = update_interval), updates and
+    checkpoints happen within the run, and the warmup ends before it."""
+    cfg = resolved(load_recipe(path))
+    steps = parse_batches(cfg["max_duration"], "max_duration")
+    update_interval = cfg["callbacks"]["data_scheduler"]["update_interval"]
+    assert cfg["eval_interval"] == f"{update_interval}ba"
+    assert steps % update_interval == 0 and update_interval < steps
+    assert parse_batches(cfg["save_interval"], "save_interval") <= steps
+    assert 0 < parse_batches(cfg["scheduler"]["t_warmup"], "t_warmup") < steps
 
 
 @pytest.mark.parametrize("path", PAPER_RECIPES, ids=lambda p: p.name)
@@ -233,6 +310,7 @@ def test_policy_is_one_override(path: Path, policy: str, tmp_path: Path) -> None
 
 @pytest.mark.parametrize("path", PAPER_RECIPES, ids=lambda p: p.name)
 def test_paper_defaults(path: Path) -> None:
+    """The paper's settings (SPEC §5, Appendix A): unlike the invariants above, the literal values are the point."""
     cfg = resolved(load_recipe(path))
     pruning = path.name in PRUNING
     # Continued pretraining: 48,000 steps monolingual (Appendix A.1), 40,000 multilingual (Appendix A.2).
@@ -244,6 +322,9 @@ def test_paper_defaults(path: Path) -> None:
     assert cfg["max_seq_len"] == 4096
     assert cfg["scheduler"] == {"name": "cosine_with_warmup", "t_warmup": f"{warmup}ba", "alpha_f": 0.1}
     assert cfg["optimizer"]["lr"] == 1.0e-4
+    if pruning:  # masks and λ at 1.0; the target sparsity ramps up over 640 steps
+        assert [group["lr"] for group in cfg["optimizer"]["param_groups"]] == [-1.0, 1.0]
+        assert cfg["model"]["l0_module"]["lagrangian_warmup"] == "640ba"
     assert cfg["precision"] == "amp_bf16"
     assert cfg["fsdp_config"]["sharding_strategy"] == "FULL_SHARD"
     assert cfg["fsdp_config"]["mixed_precision"] == "PURE"
@@ -268,11 +349,15 @@ def test_paper_defaults(path: Path) -> None:
 def test_pruning_and_continued_pretraining_agree(cpt_name: str) -> None:
     cpt = resolved(load_recipe(REPO / "yamls" / cpt_name))
     prune = resolved(load_recipe(REPO / "yamls" / CPT_OF_PRUNING[cpt_name]))
+    assert "l0_module" not in cpt["model"]
     assert cpt["train_loader"]["proportions"] == prune["train_loader"]["proportions"]
     assert (cpt["callbacks"]["data_scheduler"]["reference_losses"]
             == prune["callbacks"]["data_scheduler"]["reference_losses"])
     assert cpt["variables"]["data"] == prune["variables"]["data"]
-    # Continued pretraining starts from the dense export that the pruning recipe's comment names.
-    assert cpt["variables"]["pruned"] == f"models/{prune['run_name']}"
-    assert cpt["model"]["pretrained_model_name_or_path"] == cpt["tokenizer"]["name"] == cpt["variables"]["pruned"]
+    assert cpt["max_seq_len"] == prune["max_seq_len"]
     assert cpt["run_name"] != prune["run_name"]
+    if not cpt_name.startswith("demo/"):
+        # Continued pretraining starts from the dense export that the pruning recipe's comment names
+        # (scripts/demo.py passes the export it made; tests/test_demo.py checks that export's shape).
+        assert cpt["variables"]["pruned"] == f"models/{prune['run_name']}"
+        assert cpt["model"]["pretrained_model_name_or_path"] == cpt["tokenizer"]["name"] == cpt["variables"]["pruned"]

@@ -83,7 +83,8 @@ def test_too_few_points_returns_none() -> None:
     tokens = _observed_tokens(7)
     losses = 30.0 / tokens**0.2 + 2.0
     assert predict_final_loss(losses, tokens, None, TOTAL_TOKENS, None) is None
-    assert predict_final_loss(losses, tokens, None, TOTAL_TOKENS, None, min_points=5) is not None
+    truth = 30.0 / TOTAL_TOKENS**0.2 + 2.0
+    assert predict_final_loss(losses, tokens, None, TOTAL_TOKENS, None, min_points=5) == pytest.approx(truth, abs=0.01)
 
 
 def test_unusable_points_do_not_count() -> None:
@@ -92,7 +93,8 @@ def test_unusable_points_do_not_count() -> None:
     losses[3] = np.nan
     tokens[0] = 0.0  # a domain not sampled yet
     assert predict_final_loss(losses, tokens, None, TOTAL_TOKENS, None) is None
-    assert predict_final_loss(losses, tokens, None, TOTAL_TOKENS, None, min_points=7) is not None
+    truth = 30.0 / TOTAL_TOKENS**0.2 + 2.0  # the seven usable points still lie on the curve
+    assert predict_final_loss(losses, tokens, None, TOTAL_TOKENS, None, min_points=7) == pytest.approx(truth, abs=0.01)
 
 
 def test_constant_params_select_the_token_only_form() -> None:

@@ -17,9 +17,8 @@ ROUND_TRIP = [
 ]
 
 
-def test_find_gguf_points_at_the_shipped_file() -> None:
-    path = smollm2.find_gguf()
-    assert path.name == smollm2.GGUF_NAME and path.stat().st_size > 50_000_000
+def test_find_gguf_points_at_the_shipped_file(smollm2_gguf: Path) -> None:
+    assert smollm2_gguf.name == smollm2.GGUF_NAME and smollm2_gguf.stat().st_size > 50_000_000
 
 
 def test_missing_package_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -32,15 +31,15 @@ def test_missing_package_says_how_to_install(monkeypatch: pytest.MonkeyPatch) ->
 
 
 @pytest.mark.slow
-def test_materialize_loads_as_llama(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """One export (the slow part, ~1 min on 2 cores) checked for shape, weights, tokenizer and idempotence."""
+def test_materialize_loads_as_llama(smollm2_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The session's export (the slow part) checked for shape, weights, tokenizer and idempotence."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
-    out = smollm2.materialize(tmp_path / "smollm2")
+    out = smollm2_dir
     assert smollm2.is_complete(out)
     assert not (out / "tokenizer.model").exists()  # the slow-tokenizer "vocab file" would be a GGUF copy
-    assert not list(tmp_path.glob(".*tmp*"))
+    assert not list(out.parent.glob(".*tmp*"))
 
     model = AutoModelForCausalLM.from_pretrained(out)
     assert isinstance(model, LlamaForCausalLM)
