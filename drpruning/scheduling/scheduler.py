@@ -25,6 +25,7 @@ from composer.utils import dist
 from drpruning.distributions import validate_proportions
 from drpruning.errors import ConfigError
 from drpruning.runs import (
+    DATA_METRICS_PREFIX,
     DATA_USAGE_FILE,
     SCHEDULE_FILE,
     append_jsonl,
@@ -265,8 +266,8 @@ class DataScheduler(Callback):
         fractions = self.tokens / total if total > 0 else np.zeros_like(self.tokens)
         metrics = {}
         for domain, tokens, fraction in zip(self.domains, self.tokens, fractions, strict=True):
-            metrics[f"metrics/data/{domain}/total_tokens"] = float(tokens)
-            metrics[f"metrics/data/{domain}/token_fraction"] = float(fraction)
+            metrics[f"{DATA_METRICS_PREFIX}{domain}/total_tokens"] = float(tokens)
+            metrics[f"{DATA_METRICS_PREFIX}{domain}/token_fraction"] = float(fraction)
         logger.log_metrics(metrics)
         write_json(run_folder(state) / DATA_USAGE_FILE, {
             "step": int(state.timestamp.batch),
@@ -433,7 +434,7 @@ class DataScheduler(Callback):
         for key, name in (("losses", "loss"), ("reference_losses", "reference_loss"),
                           ("reference_ratio", "reference_ratio"), ("proportions", "proportion")):
             for domain, value in (record[key] or {}).items():
-                metrics[f"metrics/data/{domain}/{name}"] = value
+                metrics[f"{DATA_METRICS_PREFIX}{domain}/{name}"] = value
         logger.log_metrics(metrics)
         append_jsonl(run_folder(state) / SCHEDULE_FILE, record)
 
