@@ -82,6 +82,24 @@ class DRPruningCausalLM(ComposerHFCausalLM):
             eval_masks: current            # evals score the current expected size; `target`: the final shape
             init: uniform                  # the paper; `importance`: gates ordered by a calibration pass
             calibration: {data_dir: DIR}   # init: importance only (drpruning/pruning/importance.py: CalibrationConfig)
+
+    Args (the keys of the `model` block; foundry passes `tokenizer`, and every other key goes to
+    `ComposerHFCausalLM`, e.g. `use_flash_attention_2`, `init_device`, `config_overrides`):
+        pretrained_model_name_or_path: the source model, a local Hugging Face folder.
+        l0_module: omit for continued pretraining (a plain causal LM that still reports per-domain
+            losses to the `data_scheduler`). Its keys:
+            target: the pruned shape, `{n_layers, hidden_size, n_heads, n_kv_heads, intermediate_size}`;
+                sizes of modules not pruned stay the source's; `n_heads / n_kv_heads` must keep the
+                source's query heads per KV group (whole KV groups are pruned).
+            pruning_modules: any of `layer, head, intermediate, hidden` (default all).
+            lagrangian_warmup: batches (`640` or `'640ba'`) over which the target sparsity ramps from 0.
+            eval_masks: `current` (evals score the size the gates expect now, as the reference code) or
+                `target` (the final shape).
+            init: `uniform` (every gate at `init_log_alpha`, the paper) or `importance` (gates ordered by a
+                calibration pass within `init_band` below `init_log_alpha`; needs `calibration`).
+            init_log_alpha: the gates' starting log alpha (default ln 100: every gate almost surely open).
+            init_band: log-alpha spread of the importance init (default 2.0).
+            calibration: where the importance pass reads its sequences (`CalibrationConfig`).
     """
 
     def __init__(

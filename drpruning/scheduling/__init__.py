@@ -18,6 +18,8 @@ _PUBLIC = {
     "Decision": "policies",
     "make_policy": "policies",
     "DataScheduler": "scheduler",
+    "MixtureDataset": "contracts",
+    "DomainStatsModel": "contracts",
 }
 __all__ = sorted(_PUBLIC)
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,6 +36,7 @@ from drpruning.runs import (
     unwrap_model,
     write_json,
 )
+from drpruning.scheduling.contracts import DomainStatsModel, MixtureDataset
 from drpruning.scheduling.policies import Observation, Policy, PolicySettings, make_policy
 
 log = logging.getLogger(__name__)
@@ -45,37 +46,6 @@ _STATE_VERSION = 1
 # The callback's own yaml keys; every other key is a `PolicySettings` field.
 _SCHEDULER_OPTIONS = ("policy", "update_interval", "loss_source", "reference_losses", "initial_proportions", "ema",
                       "on_nan")
-
-
-@runtime_checkable
-class MixtureDataset(Protocol):
-    """What the scheduler needs from the train dataset (`drpruning.data.mixer.DomainMixtureDataset`)."""
-
-    domains: Sequence[str]
-    initial_proportions: Sequence[float] | np.ndarray
-
-    def proportions_at(self, batch: int) -> np.ndarray: ...
-
-    def set_proportions(self, proportions: np.ndarray, at_batch: int | None = None) -> int:
-        """Use `proportions` from `at_batch` (default: the first batch not yet requested) on; returns that batch."""
-        ...
-
-
-class DomainStatsTaker(Protocol):
-    def take(self, num_domains: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's (loss sum, token count) per domain since the last call, then reset."""
-        ...
-
-
-@runtime_checkable
-class DomainStatsModel(Protocol):
-    """What the scheduler needs from the unwrapped model (`drpruning.pruning.model.DRPruningCausalLM`)."""
-
-    domain_stats: DomainStatsTaker
-
-    def pruning_stats(self) -> dict[str, float] | None:
-        """`expected_params` and `target_params` of a pruning run; None in continued pretraining."""
-        ...
 
 
 @dataclass(frozen=True)
