@@ -20,8 +20,8 @@ from streaming import Stream, StreamingDataset
 from streaming.base.util import clean_stale_shared_memory
 from torch.utils.data import DataLoader
 
+from drpruning.data.manifest import load_manifest
 from drpruning.data.mixer import DomainBatchSampler, DomainMixtureDataset, build_domain_mixture_dataloader
-from drpruning.data.prepare import load_manifest
 from drpruning.demo.tiny import make_tiny_mds
 
 WARMUP_BATCHES = 5

@@ -24,7 +24,7 @@ from streaming import LocalDataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from drpruning.data.checks import check_tokenizer
-from drpruning.data.prepare import load_manifest
+from drpruning.data.manifest import load_manifest
 from drpruning.errors import ConfigError, DataDirError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -51,7 +51,7 @@ POLICIES = POLICY_NAMES
 SCRATCH = "scratch"
 ONE_SHOT = "one-shot"
 ONE_SHOT_CPT_POLICY = "drpruning"  # the demo's continued-pretraining schedule
-CALIBRATION = {"num_sequences": 32, "seed": 0}  # the defaults of drpruning.pruning.importance.CalibrationConfig
+CALIBRATION = {"num_sequences": 32, "seed": 0}  # the defaults of drpruning.pruning.calibration.CalibrationConfig
 PRUNE_YAML, CPT_YAML = "yamls/demo/prune_smollm2.yaml", "yamls/demo/cpt_smollm2.yaml"
 TARGET = {"n_layers": 20, "hidden_size": 384, "n_heads": 6, "n_kv_heads": 2, "intermediate_size": 1024}
 

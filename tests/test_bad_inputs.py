@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from drpruning.data.prepare import load_manifest
+from drpruning.data.manifest import load_manifest
 from drpruning.data.prepare import main as prepare_data_main
 from drpruning.demo.tiny import make_tiny_tokenizer, tiny_documents
 from drpruning.evaluation import main as eval_domains_main

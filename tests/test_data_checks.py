@@ -11,8 +11,8 @@ from transformers import AutoTokenizer
 
 from drpruning.data.checks import FINGERPRINT_KEY, tokenizer_fingerprint
 from drpruning.data.domain_eval import expand_domain_eval
+from drpruning.data.manifest import load_manifest
 from drpruning.data.mixer import build_domain_mixture_dataloader
-from drpruning.data.prepare import load_manifest
 from drpruning.demo.tiny import make_tiny_mds, make_tiny_tokenizer, save_tiny_model
 from drpruning.errors import ConfigError
 from drpruning.evaluation import main as eval_domains_main
@@ -82,7 +82,7 @@ def test_eval_domains_refuses_data_of_another_tokenizer_in_one_line(assets, tmp_
 
 
 def test_importance_calibration_refuses_data_of_another_tokenizer(assets):
-    from drpruning.pruning.importance import CalibrationConfig, check_calibration_tokenizer
+    from drpruning.pruning.calibration import CalibrationConfig, check_calibration_tokenizer
 
     config = CalibrationConfig(data_dir=str(assets["data"]))
     check_calibration_tokenizer(config, AutoTokenizer.from_pretrained(str(assets["tokenizer"])))

@@ -10,13 +10,9 @@ import numpy as np
 import pytest
 from streaming import LocalDataset
 
-from drpruning.data.prepare import (
-    load_manifest,
-    main,
-    prepare_data,
-    resolve_domain_files,
-    token_dtype_for_vocab,
-)
+from drpruning.data.manifest import load_manifest, token_dtype_for_vocab
+from drpruning.data.prepare import main, prepare_data
+from drpruning.data.sources import resolve_domain_files
 from drpruning.demo.tiny import make_tiny_corpus, make_tiny_tokenizer, tiny_documents
 from drpruning.errors import DataPrepError
 

@@ -15,11 +15,10 @@ from drpruning.errors import CalibrationError, ShapeError
 from drpruning.export.one_shot import main as one_shot_main
 from drpruning.export.one_shot import one_shot_prune
 from drpruning.pruning import importance as importance_module
+from drpruning.pruning.calibration import CalibrationConfig, calibration_sequences
 from drpruning.pruning.callback import PruningCallback
 from drpruning.pruning.importance import (
-    CalibrationConfig,
     calibrate,
-    calibration_sequences,
     compute_importance,
     importance_for_run,
     write_importance,

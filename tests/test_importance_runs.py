@@ -11,7 +11,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from drpruning.pruning.importance import CalibrationConfig, calibrate
+from drpruning.pruning.calibration import CalibrationConfig
+from drpruning.pruning.importance import calibrate
 from drpruning.pruning.masks import L0Module
 from drpruning.pruning.shapes import ModelShape
 from tests.helpers import REPO, run_training

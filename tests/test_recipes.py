@@ -34,12 +34,12 @@ from omegaconf import DictConfig
 from omegaconf import OmegaConf as om
 from torch.distributed.fsdp import ShardingStrategy
 
-from drpruning.data.prepare import load_manifest
+from drpruning.data.manifest import load_manifest
 from drpruning.demo import corpus as demo_corpus
 from drpruning.demo.smollm2 import EXPECTED_SHAPE as SMOLLM2_135M
 from drpruning.demo.tiny import TINY_KINDS, tiny_config, tiny_model
+from drpruning.pruning.calibration import CalibrationConfig
 from drpruning.pruning.callback import check_optimizer_groups
-from drpruning.pruning.importance import CalibrationConfig
 from drpruning.pruning.masks import L0Module, parse_batches
 from drpruning.pruning.shapes import TARGET_KEYS, ModelShape, target_shape
 from drpruning.scheduling.policies import POLICY_NAMES

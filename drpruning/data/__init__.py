@@ -8,7 +8,7 @@ from typing import Any
 
 _PUBLIC = {
     "prepare_data": "prepare",
-    "load_manifest": "prepare",
+    "load_manifest": "manifest",
     "MixturePlan": "mixture_plan",
     "DomainMixtureDataset": "mixer",
     "build_domain_mixture_dataloader": "mixer",

@@ -23,7 +23,7 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase
 
 from drpruning.data.checks import check_seq_len, check_tokenizer, tokenizer_from_config
-from drpruning.data.prepare import load_manifest, select_domains
+from drpruning.data.manifest import load_manifest, select_domains
 from drpruning.data.remote import fetch_manifest, join_remote
 from drpruning.errors import ConfigError, DataDirError
 

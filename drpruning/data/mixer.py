@@ -26,8 +26,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from transformers import PreTrainedTokenizerBase
 
 from drpruning.data.checks import check_seq_len, check_tokenizer
+from drpruning.data.manifest import load_manifest, select_domains
 from drpruning.data.mixture_plan import MixturePlan
-from drpruning.data.prepare import load_manifest, select_domains
 from drpruning.data.remote import CachedSplit, fetch_manifest, join_remote
 from drpruning.distributions import proportions_in_domain_order
 from drpruning.errors import ConfigError
@@ -169,7 +169,9 @@ class DomainBatchSampler(DistributedSampler):
 
 
 def collate_mixture_batch(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    """Stack samples into the batch contract: input_ids, labels (= input_ids), domain."""
+    """Stack samples into the batch contract: `input_ids` and `labels` (= input_ids: packed data has no
+    padding and the model shifts), `LongTensor[B, S]`; `domain`, `LongTensor[B]`, each sample's index into
+    the dataset's `domains` (the model sums per-domain losses by it for the `data_scheduler`)."""
     input_ids = torch.stack([s["input_ids"] for s in samples])
     return {
         "input_ids": input_ids,

@@ -36,7 +36,7 @@ from streaming.base.local import LocalDataset
 from streaming.base.storage import CloudDownloader, CloudUploader
 from streaming.base.stream import Stream
 
-from drpruning.data.prepare import MANIFEST_NAME
+from drpruning.data.manifest import MANIFEST_NAME
 from drpruning.errors import RemoteDataError
 
 REMOTE_MARKER = ".remote"

@@ -26,7 +26,8 @@ from transformers import AutoModelForCausalLM
 from drpruning.errors import CalibrationError, ExportError, ShapeError
 from drpruning.export.dense import dense_export
 from drpruning.export.write import check_out_dir, save_export
-from drpruning.pruning.importance import LAYER_MEASURES, CalibrationConfig, calibrate
+from drpruning.pruning.calibration import LAYER_MEASURES, CalibrationConfig
+from drpruning.pruning.importance import calibrate
 from drpruning.pruning.masks import IMPORTANCE_BAND, L0Module
 from drpruning.pruning.shapes import PRUNING_MODULES, TARGET_KEYS, ModelShape
 

@@ -15,7 +15,7 @@ _PUBLIC = {
     "make_prunable": "prunable",
     "DRPruningCausalLM": "model",
     "PruningCallback": "callback",
-    "CalibrationConfig": "importance",
+    "CalibrationConfig": "calibration",
     "Importance": "importance",
     "calibrate": "importance",
     "compute_importance": "importance",

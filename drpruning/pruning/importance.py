@@ -16,9 +16,9 @@ What is measured (forward only, on a few packed sequences; every sum in float64)
   - `cosine` (default): E_tokens[1 − cos(h_in, h_out)] of each decoder block, ShortGPT's Block Influence.
     It comes from the same single pass; the drop-loss measure below costs L more passes.
   - `drop_loss`: mean LM loss with the block skipped (output := input) minus the full model's, L extra passes.
-Sequences are the first ⌈N/D⌉ or ⌊N/D⌋ of a seeded permutation of each domain's split (equal shares: the
-mixture's proportions are not known before the train loader exists), so a pass is a pure function of
-(weights, data folder, settings): computed on rank 0 and broadcast, every rank orders its gates the same.
+Sequences come from `drpruning/pruning/calibration.py`, seeded equal shares per domain, so a pass is a pure
+function of (weights, data folder, settings): computed on rank 0 and broadcast, every rank orders its gates
+the same.
 """
 
 from __future__ import annotations
@@ -28,129 +28,28 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from composer.utils import dist
-from streaming import LocalDataset
 from torch import Tensor, nn
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel
 
-from drpruning.data.checks import check_tokenizer
-from drpruning.data.prepare import load_manifest, select_domains
 from drpruning.errors import CalibrationError
+from drpruning.pruning.calibration import LAYER_MEASURES, CalibrationConfig, calibration_sequences
 from drpruning.pruning.prunable import decoder_layers
 from drpruning.pruning.shapes import ModelShape
 from drpruning.runs import IMPORTANCE_FILE, IMPORTANCE_SUMMARY_FILE
 
 log = logging.getLogger(__name__)
 
-LAYER_MEASURES = ("cosine", "drop_loss")
 FORMAT_VERSION = 1
 _FINGERPRINT_STRIDE = 997  # every 997th weight of each tensor: enough to tell two checkpoints apart, cheap
 
-
-
-@dataclasses.dataclass(frozen=True)
-class CalibrationConfig:
-    """Where the calibration sequences come from and how the pass runs (`l0_module.calibration`)."""
-
-    data_dir: str
-    num_sequences: int = 32
-    seed: int = 0
-    batch_size: int = 4
-    max_seq_len: int | None = None
-    domains: tuple[str, ...] | None = None
-    split: str = "train"
-    layer_measure: str = "cosine"
-    device: str | None = None  # default: the model's device, else CUDA when available, else CPU
-
-    def __post_init__(self) -> None:
-        for name in ("num_sequences", "batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise CalibrationError(f"calibration.{name}={value!r} must be a positive integer")
-        if self.max_seq_len is not None and (not isinstance(self.max_seq_len, int) or self.max_seq_len < 2):
-            raise CalibrationError(f"calibration.max_seq_len={self.max_seq_len!r} must be an integer ≥ 2 (or null)")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise CalibrationError(f"calibration.seed={self.seed!r} must be a non-negative integer")
-        if self.layer_measure not in LAYER_MEASURES:
-            raise CalibrationError(f"calibration.layer_measure={self.layer_measure!r} must be one of "
-                                   f"{', '.join(LAYER_MEASURES)}")  # fmt: skip
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any] | None) -> CalibrationConfig:
-        """From a yaml block; `data_dir` is required (the callback runs before the train loader exists)."""
-        values = dict(values or {})
-        known = {field.name for field in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise CalibrationError(f"unknown calibration keys {unknown}; known: {sorted(known)}")
-        if not values.get("data_dir"):
-            raise CalibrationError(
-                "l0_module.init: importance needs l0_module.calibration.data_dir, a prepare_data folder "
-                "(usually the train loader's: calibration: {data_dir: ${variables.data}})"
-            )
-        values["data_dir"] = str(values["data_dir"])
-        if values.get("domains") is not None:
-            values["domains"] = tuple(values["domains"])
-        return cls(**values)
-
-    def describe(self) -> dict[str, Any]:
-        """Plain data; `data_dir` absolute so a cached pass is only reused for the same folder."""
-        out = dataclasses.asdict(self)
-        out["data_dir"] = str(Path(self.data_dir).resolve())
-        out["domains"] = None if self.domains is None else list(self.domains)
-        out.pop("device")  # where the pass runs does not change what it measures
-        return out
-
-
-def check_calibration_tokenizer(config: CalibrationConfig, tokenizer: PreTrainedTokenizerBase) -> None:
-    """Refuse calibration data tokenized with another tokenizer than the run's (importance would be measured
-    on token ids that mean other text)."""
-    try:
-        manifest = load_manifest(config.data_dir)
-    except (FileNotFoundError, ValueError) as error:
-        raise CalibrationError(f"calibration data: {error}") from None
-    check_tokenizer(manifest, config.data_dir, tokenizer, "l0_module.calibration")
-
-
-def calibration_sequences(config: CalibrationConfig) -> tuple[Tensor, dict[str, int]]:
-    """[N, S] token ids and the number taken from each domain (equal shares, seeded choice per domain)."""
-    try:
-        manifest = load_manifest(config.data_dir)
-        domains = select_domains(manifest, config.domains, config.data_dir)
-    except (FileNotFoundError, ValueError) as error:
-        raise CalibrationError(f"calibration data: {error}") from None
-    entries = {entry["name"]: entry for entry in manifest["domains"]}
-    seq_len = int(manifest["seq_len"])
-    length = seq_len if config.max_seq_len is None else min(seq_len, config.max_seq_len)
-    share, extra = divmod(config.num_sequences, len(domains))
-    rows: list[np.ndarray] = []
-    counts: dict[str, int] = {}
-    for index, domain in enumerate(domains):
-        count = share + (index < extra)
-        counts[domain] = count
-        if count == 0:
-            continue
-        if config.split not in entries[domain]:
-            raise CalibrationError(f"calibration data: domain {domain!r} has no {config.split!r} split in "
-                                   f"{config.data_dir}")  # fmt: skip
-        split_dir = Path(config.data_dir) / entries[domain][config.split]["path"]
-        if not (split_dir / "index.json").is_file():
-            raise CalibrationError(f"calibration data: no MDS index at {split_dir}")
-        reader = LocalDataset(local=str(split_dir))
-        if len(reader) < count:
-            raise CalibrationError(f"calibration data: domain {domain!r} has {len(reader)} {config.split} "
-                                   f"sequences, fewer than the {count} asked for")  # fmt: skip
-        picks = np.random.default_rng([config.seed, index]).permutation(len(reader))[:count]
-        rows += [np.asarray(reader[int(i)]["tokens"][:length], dtype=np.int64) for i in picks]
-    return torch.from_numpy(np.stack(rows)), counts
 
 
 # ---- the pass -------------------------------------------------------------------------------------------

@@ -10,6 +10,10 @@ uniform guess and hides which domains the model is losing (SPEC §3). `eval_mask
 target shape instead; export always keeps exactly the target count (`target_masks`). Its parameters
 live in this child module and are only read inside `forward`, so FSDP gathers them and DDP syncs their
 gradients.
+
+Masks by name, for L layers, d hidden, K KV heads, F FFN units: `layer [L]`, `head [L, K]` (a KV group
+with its query heads), `intermediate [L, F]`, `hidden [d]`; `drpruning/pruning/prunable.py` says where
+each one multiplies, and `drpruning/export/dense.py` folds them into a smaller model with the same logits.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
 from drpruning.errors import ConfigError
-from drpruning.pruning.importance import CalibrationConfig, check_calibration_tokenizer
+from drpruning.pruning.calibration import CalibrationConfig, check_calibration_tokenizer
 from drpruning.pruning.masks import L0Module
 from drpruning.pruning.prunable import make_prunable
 from drpruning.pruning.shapes import ModelShape
@@ -81,7 +81,7 @@ class DRPruningCausalLM(ComposerHFCausalLM):
             lagrangian_warmup: 640ba
             eval_masks: current            # evals score the current expected size; `target`: the final shape
             init: uniform                  # the paper; `importance`: gates ordered by a calibration pass
-            calibration: {data_dir: DIR}   # init: importance only (drpruning/pruning/importance.py: CalibrationConfig)
+            calibration: {data_dir: DIR}   # init: importance only (drpruning/pruning/calibration.py: CalibrationConfig)
 
     Args (the keys of the `model` block; foundry passes `tokenizer`, and every other key goes to
     `ComposerHFCausalLM`, e.g. `use_flash_attention_2`, `init_device`, `config_overrides`):
