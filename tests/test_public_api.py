@@ -27,8 +27,8 @@ def test_every_public_name_resolves(name: str) -> None:
 
 
 def test_shapes_masks_and_distributions_import_without_composer() -> None:
-    """The GPU check script imports these on a machine with torch but no Composer or LLM-Foundry."""
-    code = ("import sys, drpruning.pruning, drpruning.pruning.masks, drpruning.pruning.shapes, "
+    """benchmarks/gpu_check.py imports these on a machine with torch and transformers but no Composer."""
+    code = ("import sys, drpruning.pruning, drpruning.pruning.masks, drpruning.pruning.shapes, drpruning.pruning.prunable, "
             "drpruning.distributions, drpruning.errors; "
             "heavy = sorted(m for m in ('composer', 'llmfoundry', 'streaming') if m in sys.modules); "
             "print(heavy); sys.exit(1 if heavy else 0)")
