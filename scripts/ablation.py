@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import statistics
 import subprocess
 import sys
@@ -112,6 +111,7 @@ def scratch_model(source: Path, out: Path) -> None:
     """A config of the target shape (from the source's config) and the source tokenizer: random init."""
     from transformers import AutoConfig, AutoTokenizer
 
+    from drpruning.atomic import staged_directory
     from drpruning.pruning.shapes import ModelShape, target_shape
 
     config = AutoConfig.from_pretrained(source)
@@ -119,11 +119,9 @@ def scratch_model(source: Path, out: Path) -> None:
                          PRUNING_MODULES)
     for key, value in shape.hf_config_updates().items():
         setattr(config, key, value)
-    staging = out.with_name(out.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    config.save_pretrained(staging)
-    AutoTokenizer.from_pretrained(source).save_pretrained(staging)
-    staging.rename(out)
+    with staged_directory(out) as staging:
+        config.save_pretrained(staging)
+        AutoTokenizer.from_pretrained(source).save_pretrained(staging)
 
 
 def run_label(policy: str, args: argparse.Namespace) -> str:
