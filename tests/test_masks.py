@@ -156,10 +156,12 @@ def test_lambdas_ascend_while_constraint_is_violated():
 
 def test_target_warmup_is_linear():
     source = ModelShape.from_hf_config(tiny_config("llama_gqa"))
-    l0 = L0Module(source, {"n_layers": 2}, ["layer"], lagrangian_warmup="100ba")
+    l0 = L0Module(source, {"n_layers": 2}, ["layer"], lagrangian_warmup=100)
     assert l0.target_sparsity(0)["layer"] == 0.0
     assert l0.target_sparsity(50)["layer"] == pytest.approx(0.25)
     assert l0.target_sparsity(500)["layer"] == pytest.approx(0.5)
+    with pytest.raises(ShapeError, match="the model reads yaml durations"):
+        L0Module(source, {"n_layers": 2}, ["layer"], lagrangian_warmup="100ba")  # type: ignore[arg-type]
 
 
 def test_training_without_step_says_which_callback_is_missing():

@@ -7,8 +7,9 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from drpruning.errors import ConfigError, ShapeError
 from drpruning.pruning.callback import PruningCallback
-from drpruning.pruning.model import DomainStats, DRPruningCausalLM
+from drpruning.pruning.model import DomainStats, DRPruningCausalLM, batches, l0_module_options
 
 TARGET = {"n_layers": 3, "hidden_size": 48, "n_heads": 4, "n_kv_heads": 1, "intermediate_size": 96}
 
@@ -99,3 +100,23 @@ def test_first_eval_of_a_pruning_run_scores_the_current_model_not_the_target(tin
     kept = current.l0_module.kept_units(current.last_eval_masks)
     assert kept == {"layer": 4.0, "head": 2.0, "intermediate": 128.0, "hidden": 64.0}
     assert current.l0_module.kept_units(current.l0_module.last_target_masks)["layer"] == TARGET["n_layers"]
+
+
+@pytest.mark.parametrize("value, expected", [(640, 640), ("640ba", 640), ("0ba", 0), (0, 0)])
+def test_durations_are_read_as_batches(value, expected):
+    assert batches(value, "lagrangian_warmup") == expected
+    options, _ = l0_module_options({"target": {"n_layers": 1}, "lagrangian_warmup": value})
+    assert options["lagrangian_warmup"] == expected
+
+
+@pytest.mark.parametrize("value", ["2ep", "100tok", "soon", -1, True, 1.5])
+def test_durations_in_other_units_or_negative_are_refused_by_name(value):
+    with pytest.raises(ShapeError, match=r"lagrangian_warmup=.* must be a non-negative number of batches"):
+        l0_module_options({"target": {"n_layers": 1}, "lagrangian_warmup": value})
+
+
+def test_l0_module_block_errors_name_the_key():
+    with pytest.raises(ConfigError, match=r"unknown l0_module keys \['warmup'\]"):
+        l0_module_options({"target": {"n_layers": 1}, "warmup": 3})
+    with pytest.raises(ConfigError, match="needs a `target`"):
+        l0_module_options({"lagrangian_warmup": 3})

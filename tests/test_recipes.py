@@ -38,9 +38,9 @@ from drpruning.data.manifest import load_manifest
 from drpruning.demo import corpus as demo_corpus
 from drpruning.demo.smollm2 import EXPECTED_SHAPE as SMOLLM2_135M
 from drpruning.demo.tiny import TINY_KINDS, tiny_config, tiny_model
-from drpruning.pruning.calibration import CalibrationConfig
 from drpruning.pruning.callback import check_optimizer_groups
-from drpruning.pruning.masks import L0Module, parse_batches
+from drpruning.pruning.masks import L0Module
+from drpruning.pruning.model import batches, l0_module_options
 from drpruning.pruning.shapes import TARGET_KEYS, ModelShape, target_shape
 from drpruning.scheduling.policies import POLICY_NAMES
 from drpruning.scheduling.scheduler import DataScheduler
@@ -213,12 +213,12 @@ def test_target_shape_fits_its_source(path: Path) -> None:
     for module, size in SIZE_OF_MODULE.items():
         if module not in l0_config["pruning_modules"]:
             assert getattr(target, size) == getattr(source, size), f"{size} changes without {module!r} pruning"
-    # The model builds exactly this module from the block (calibration apart), so its keys must all be accepted.
-    l0 = L0Module(source, **{key: value for key, value in l0_config.items() if key != "calibration"})
+    # The model builds exactly this module from the block, so its keys must all be accepted.
+    options, calibration = l0_module_options(l0_config)
+    l0 = L0Module(source, **options)
     assert l0.target == target
-    if l0_config.get("init") == "importance":
-        CalibrationConfig.from_dict(l0_config["calibration"])
-    assert 0 < l0.lagrangian_warmup < parse_batches(cfg["max_duration"], "max_duration")
+    assert (calibration is not None) == (l0_config.get("init") == "importance")
+    assert 0 < l0.lagrangian_warmup < batches(cfg["max_duration"], "max_duration")
 
 
 @pytest.mark.parametrize("name", sorted(PRUNING))
@@ -292,12 +292,12 @@ def test_schedules_fit_the_run(path: Path) -> None:
     """The scheduler's losses come from the evals (eval_interval = update_interval), updates and
     checkpoints happen within the run, and the warmup ends before it."""
     cfg = resolved(load_recipe(path))
-    steps = parse_batches(cfg["max_duration"], "max_duration")
+    steps = batches(cfg["max_duration"], "max_duration")
     update_interval = cfg["callbacks"]["data_scheduler"]["update_interval"]
     assert cfg["eval_interval"] == f"{update_interval}ba"
     assert steps % update_interval == 0 and update_interval < steps
-    assert parse_batches(cfg["save_interval"], "save_interval") <= steps
-    assert 0 < parse_batches(cfg["scheduler"]["t_warmup"], "t_warmup") < steps
+    assert batches(cfg["save_interval"], "save_interval") <= steps
+    assert 0 < batches(cfg["scheduler"]["t_warmup"], "t_warmup") < steps
 
 
 @pytest.mark.parametrize("path", PAPER_RECIPES, ids=lambda p: p.name)

@@ -79,7 +79,7 @@ class L0Module(nn.Module):
         source: ModelShape,
         target: Mapping[str, Any],
         pruning_modules: Iterable[str] = PRUNING_MODULES,
-        lagrangian_warmup: int | str = 0,
+        lagrangian_warmup: int = 0,
         init_log_alpha: float = LOG_ALPHA_BOUND,
         eval_masks: str = "current",
         init: str = "uniform",
@@ -89,7 +89,10 @@ class L0Module(nn.Module):
         self.source = source
         self.pruning_modules = tuple(pruning_modules)
         self.target = target_shape(source, target, self.pruning_modules)
-        self.lagrangian_warmup = parse_batches(lagrangian_warmup, "lagrangian_warmup")
+        if isinstance(lagrangian_warmup, bool) or not isinstance(lagrangian_warmup, int) or lagrangian_warmup < 0:
+            raise ShapeError(f"lagrangian_warmup={lagrangian_warmup!r} must be a non-negative number of batches "
+                             "(the model reads yaml durations such as '640ba')")
+        self.lagrangian_warmup = lagrangian_warmup
         if not -LOG_ALPHA_BOUND <= init_log_alpha <= LOG_ALPHA_BOUND:
             raise ShapeError(f"init_log_alpha={init_log_alpha} is outside ±{LOG_ALPHA_BOUND:.3f}")
         if eval_masks not in EVAL_MASKS:
@@ -269,13 +272,3 @@ class L0Module(nn.Module):
             "source_params": self.source.num_params(),
             "target_params": self.target.num_params(),
         }
-
-
-def parse_batches(value: int | str, name: str) -> int:
-    """An int, or a Composer-style '640ba' string, as a number of batches."""
-    # Not composer.core.Time: masks.py imports without Composer, and L0Module takes the yaml block as is.
-    if isinstance(value, str) and value.endswith("ba") and value[:-2].isdigit():
-        return int(value[:-2])
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return value
-    raise ShapeError(f"{name}={value!r} must be a non-negative number of batches, e.g. 640 or '640ba'")

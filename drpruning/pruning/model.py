@@ -11,11 +11,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from composer.core import Time, TimeUnit
 from llmfoundry.models.hf.hf_causal_lm import ComposerHFCausalLM
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
-from drpruning.errors import ConfigError
+from drpruning.errors import ConfigError, ShapeError
 from drpruning.pruning.calibration import CalibrationConfig, check_calibration_tokenizer
 from drpruning.pruning.masks import L0Module
 from drpruning.pruning.prunable import make_prunable
@@ -68,6 +69,41 @@ class DomainStats:
         return loss_sum, tokens
 
 
+L0_MODULE_KEYS = ("target", "pruning_modules", "lagrangian_warmup", "init_log_alpha", "eval_masks", "init",
+                  "init_band", "calibration")
+
+
+def batches(value: Any, name: str) -> int:
+    """A yaml duration (`640` or `'640ba'`) as a number of batches, read by Composer's `Time`."""
+    try:
+        duration = None if isinstance(value, bool) else Time.from_input(value, TimeUnit.BATCH)
+    except (TypeError, ValueError):
+        duration = None
+    if duration is None or duration.unit != TimeUnit.BATCH or duration.value < 0:
+        raise ShapeError(f"{name}={value!r} must be a non-negative number of batches, e.g. 640 or '640ba'")
+    return int(duration.value)
+
+
+def l0_module_options(block: Mapping[str, Any]) -> tuple[dict[str, Any], CalibrationConfig | None]:
+    """The `l0_module` yaml block as `L0Module` keyword arguments plus its calibration config (or None).
+
+    Checked before the (possibly large) source model is loaded."""
+    unknown = sorted(set(block) - set(L0_MODULE_KEYS))
+    if unknown:
+        raise ConfigError(f"unknown l0_module keys {unknown}; known: {list(L0_MODULE_KEYS)}")
+    if "target" not in block:
+        raise ConfigError("l0_module needs a `target` shape, e.g. {n_layers: 24, hidden_size: 2048, ...}")
+    calibration = None
+    if block.get("init") == "importance":
+        calibration = CalibrationConfig.from_dict(block.get("calibration"))
+    elif block.get("calibration") is not None:
+        raise ConfigError("l0_module.calibration is only read with l0_module.init: importance")
+    options = {key: value for key, value in block.items() if key != "calibration"}
+    if "lagrangian_warmup" in options:
+        options["lagrangian_warmup"] = batches(options["lagrangian_warmup"], "lagrangian_warmup")
+    return options, calibration
+
+
 class DRPruningCausalLM(ComposerHFCausalLM):
     """HF causal LM + optional `L0Module` (as the child `l0_module`, so FSDP wraps it as its own unit).
 
@@ -109,19 +145,7 @@ class DRPruningCausalLM(ComposerHFCausalLM):
         l0_module: Mapping[str, Any] | None = None,
         **kwargs: Any,
     ):
-        # Checked before the (possibly large) source model is loaded.
-        calibration: CalibrationConfig | None = None
-        if l0_module is not None:
-            unknown = sorted(set(l0_module) - {"pruning_modules", "target", "lagrangian_warmup", "init_log_alpha",
-                                             "eval_masks", "init", "init_band", "calibration"})
-            if unknown:
-                raise ConfigError(f"unknown l0_module keys {unknown}")
-            if "target" not in l0_module:
-                raise ConfigError("l0_module needs a `target` shape, e.g. {n_layers: 24, hidden_size: 2048, ...}")
-            if l0_module.get("init") == "importance":
-                calibration = CalibrationConfig.from_dict(l0_module.get("calibration"))
-            elif l0_module.get("calibration") is not None:
-                raise ConfigError("l0_module.calibration is only read with l0_module.init: importance")
+        options, calibration = (None, None) if l0_module is None else l0_module_options(l0_module)
         if calibration is not None and tokenizer is not None:
             check_calibration_tokenizer(calibration, tokenizer)
         super().__init__(tokenizer=tokenizer, pretrained_model_name_or_path=pretrained_model_name_or_path, **kwargs)
@@ -135,8 +159,7 @@ class DRPruningCausalLM(ComposerHFCausalLM):
         self.last_eval_masks: dict[str, Tensor] | None = None
         # Eval with all gates open (the source model); the `pruning` callback sets it for evals before step 1.
         self.evaluate_source = False
-        if l0_module is not None:
-            options = {k: v for k, v in l0_module.items() if k != "calibration"}
+        if options is not None:
             self.l0_module = L0Module(self.shape, **options)
             self.mask_state = make_prunable(self.model, self.shape)
 
