@@ -84,6 +84,8 @@ class L0Module(nn.Module):
         eval_masks: str = "current",
         init: str = "uniform",
         init_band: float = IMPORTANCE_BAND,
+        init_lambda_1: float = 0.0,
+        init_lambda_2: float = 0.0,
     ):
         super().__init__()
         self.source = source
@@ -108,6 +110,13 @@ class L0Module(nn.Module):
             raise ShapeError(f"init_log_alpha - init_band = {init_log_alpha - init_band:.3f} is below "
                              f"-{LOG_ALPHA_BOUND:.3f}; use a smaller band")
         self.init, self.init_band, self.init_log_alpha = init, float(init_band), float(init_log_alpha)
+        for name, value in (("init_lambda_1", init_lambda_1), ("init_lambda_2", init_lambda_2)):
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                raise ShapeError(f"{name}={value!r} must be a finite number")
+        if init_lambda_2 < 0:
+            raise ShapeError(f"init_lambda_2={init_lambda_2} must be >= 0: a negative quadratic term rewards "
+                             "leaving the target")
+        self.init_lambda_1, self.init_lambda_2 = float(init_lambda_1), float(init_lambda_2)
 
         sizes, target_sizes = module_sizes(source), module_sizes(self.target)
         rows = {"layer": (), "head": (source.n_layers,), "intermediate": (source.n_layers,), "hidden": ()}
@@ -116,8 +125,12 @@ class L0Module(nn.Module):
         self.gates = nn.ParameterDict({
             m: nn.Parameter(torch.full((*rows[m], sizes[m]), float(init_log_alpha))) for m in self.pruning_modules
         })
-        self.lambda_1 = nn.ParameterDict({m: nn.Parameter(torch.zeros(1)) for m in self.pruning_modules})
-        self.lambda_2 = nn.ParameterDict({m: nn.Parameter(torch.zeros(1)) for m in self.pruning_modules})
+        # The paper starts both multipliers at 0. A stiff start (init_lambda_2 ~ 1e3) stops the min-max
+        # game winding up when the budget is short: see LAGRANGIAN_CONTROLLERS below.
+        self.lambda_1 = nn.ParameterDict({m: nn.Parameter(torch.full((1,), self.init_lambda_1))
+                                          for m in self.pruning_modules})
+        self.lambda_2 = nn.ParameterDict({m: nn.Parameter(torch.full((1,), self.init_lambda_2))
+                                          for m in self.pruning_modules})
         # Set every training step by the `pruning` callback; drives the target-sparsity warmup.
         self.train_step: int | None = None
         # Gate noise is a pure function of (seed, rank, step, forward within the step), so a resumed run
@@ -269,6 +282,8 @@ class L0Module(nn.Module):
             "lagrangian_warmup": self.lagrangian_warmup,
             "eval_masks": self.eval_masks,
             "init": self.init,
+            "init_lambda_1": self.init_lambda_1,
+            "init_lambda_2": self.init_lambda_2,
             "source_params": self.source.num_params(),
             "target_params": self.target.num_params(),
         }

@@ -70,7 +70,7 @@ class DomainStats:
 
 
 L0_MODULE_KEYS = ("target", "pruning_modules", "lagrangian_warmup", "init_log_alpha", "eval_masks", "init",
-                  "init_band", "calibration")
+                  "init_band", "calibration", "init_lambda_1", "init_lambda_2")
 
 
 def batches(value: Any, name: str) -> int:
@@ -135,6 +135,9 @@ class DRPruningCausalLM(ComposerHFCausalLM):
                 calibration pass within `init_band` below `init_log_alpha`; needs `calibration`).
             init_log_alpha: the gates' starting log alpha (default ln 100: every gate almost surely open).
             init_band: log-alpha spread of the importance init (default 2.0).
+            init_lambda_1, init_lambda_2: the Lagrange multipliers' starting values (default 0 and 0, the
+                paper). A stiff start, `init_lambda_2: 3000`, keeps the expected sparsity on its scheduled
+                target when the run is short (`drpruning/pruning/masks.py` says why).
             calibration: where the importance pass reads its sequences (`CalibrationConfig`).
     """
 
