@@ -43,6 +43,10 @@ class CalibrationError(ConfigError):
     """Calibration settings or data that cannot produce an importance pass."""
 
 
+class UnsafeFileError(ConfigError):
+    """A pickled file (checkpoint, importance cache) that names code to run when loaded; it is not loaded."""
+
+
 class ExportError(RuntimeError):
     """The checkpoint, masks or output directory cannot produce a correct dense export."""
 

@@ -7,6 +7,9 @@ drpruning's model, callbacks, dataloader and config transform are registered thr
   a shipped recipe takes your own domains (see README, "Bring your own data").
 - A configuration error that drpruning detects (`drpruning.errors.ConfigError`) is printed as one
   `error: ...` line (once, by rank 0) and the exit code is 2; anything else keeps its traceback.
+- Before training, global rank 0 locks the run folder (a second live run on it is refused) and the
+  checkpoint a resume would read is checked: a crafted one is refused, a truncated newest one skipped with
+  autoresume (`drpruning/launch.py`).
 - On CPU, each rank gets its share of the cores (unless OMP_NUM_THREADS is set): N ranks with all-core
   thread pools each would oversubscribe.
 """
@@ -23,6 +26,7 @@ from omegaconf import DictConfig
 from omegaconf import OmegaConf as om
 
 from drpruning.errors import ConfigError, report_config_error
+from drpruning.launch import acquire_run_lock, choose_resume_checkpoint
 
 DOMAIN_KEYED = ("proportions", "initial_proportions", "reference_losses")
 """Config keys whose mapping names domains: a command-line mapping replaces the yaml's."""
@@ -61,7 +65,10 @@ def main(argv: Sequence[str]) -> int:
         local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_ranks))
     try:
-        train(load_config(argv[0], argv[1:]))
+        cfg = load_config(argv[0], argv[1:])
+        acquire_run_lock(cfg.get("save_folder"), cfg.get("run_name"))
+        choose_resume_checkpoint(cfg)
+        train(cfg)
     except ConfigError as error:
         return report_config_error(error)
     return 0

@@ -16,16 +16,16 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
 from accelerate import init_empty_weights
 from composer.models.huggingface import get_hf_config_from_composer_state_dict
 from torch import Tensor
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
-from drpruning.errors import ExportError, ShapeError
+from drpruning.errors import ExportError, ShapeError, UnsafeFileError
 from drpruning.pruning.masks import L0Module
 from drpruning.pruning.shapes import TARGET_KEYS, ModelShape
 from drpruning.runs import MASKS_DIR, MASKS_META_FILE, PRUNING_STATE_KEY
+from drpruning.safe_load import load_sharded_keys, load_torch_file
 
 MODEL_PREFIX = "model."  # ComposerHFCausalLM keeps the HF model as `.model`
 L0_PREFIX = "l0_module."
@@ -57,21 +57,24 @@ def _load_composer_state(checkpoint: Path) -> dict[str, Any]:
     """`state` of a Composer checkpoint (model, callbacks, timestamp, integrations), tensors memory-mapped."""
     if checkpoint.is_dir():
         # Composer's load_sharded_checkpoint needs a Trainer State, and torch's public dcp.load a template of
-        # every tensor; this is torch's one reader that builds chosen keys from the checkpoint's own metadata.
-        from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
-
+        # every tensor; load_sharded_keys builds chosen keys from the checkpoint's own metadata, and unlike
+        # torch's _load_state_dict_from_keys unpickles nothing unchecked.
         try:
-            loaded = _load_state_dict_from_keys({f"state.{key}" for key in STATE_KEYS}, checkpoint_id=str(checkpoint))
+            loaded = load_sharded_keys(checkpoint, {f"state.{key}" for key in STATE_KEYS})
+        except UnsafeFileError as error:
+            raise ExportError(str(error)) from None
         except Exception as error:  # noqa: BLE001 - any reader failure means an unreadable checkpoint
             raise ExportError(f"cannot read sharded checkpoint {checkpoint}: {error}") from error
     else:
         # Not composer.utils.checkpoint.safe_torch_load: it reads without mmap, so the optimizer state would be
         # read into memory too (twice the model's size for Adam) only to be dropped.
+        # Never weights_only=False: a checkpoint may come from anyone (drpruning/safe_load.py).
         try:
-            loaded = torch.load(checkpoint, map_location="cpu", mmap=True, weights_only=False)
-        except Exception as error:  # noqa: BLE001 - torch raises many types for truncated / foreign files
-            raise ExportError(f"cannot read {checkpoint} as a Composer checkpoint (truncated, or not a "
-                              f"torch.save file): {type(error).__name__}: {error}") from error  # fmt: skip
+            loaded = load_torch_file(checkpoint, "a Composer checkpoint", mmap=True)
+        except UnsafeFileError as error:
+            raise ExportError(str(error)) from None
+        except ValueError as error:
+            raise ExportError(str(error)) from None
     state = loaded.get("state") if isinstance(loaded, dict) else None
     if not isinstance(state, dict) or not isinstance(state.get("model"), Mapping):
         raise ExportError(f"{checkpoint} is not a Composer checkpoint (no state['model'])")

@@ -39,11 +39,12 @@ from composer.utils import dist
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 
-from drpruning.errors import CalibrationError
+from drpruning.errors import CalibrationError, UnsafeFileError
 from drpruning.pruning.calibration import LAYER_MEASURES, CalibrationConfig, calibration_sequences
 from drpruning.pruning.prunable import decoder_layers
 from drpruning.pruning.shapes import ModelShape
 from drpruning.runs import IMPORTANCE_FILE, IMPORTANCE_SUMMARY_FILE
+from drpruning.safe_load import load_torch_file
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +84,13 @@ class Importance:
 
     @classmethod
     def load(cls, path: Path) -> Importance:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
-        if payload.pop("format_version", None) != FORMAT_VERSION:
+        try:
+            payload = load_torch_file(path, "an importance file")  # never runs code from the file
+        except UnsafeFileError:
+            raise
+        except ValueError as error:
+            raise CalibrationError(str(error)) from None
+        if not isinstance(payload, dict) or payload.pop("format_version", None) != FORMAT_VERSION:
             raise CalibrationError(f"{path} is not an importance file of format {FORMAT_VERSION}")
         return cls(**payload)
 
