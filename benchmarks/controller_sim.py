@@ -33,6 +33,7 @@ SMOLLM2 = ModelShape(n_layers=30, hidden_size=576, n_heads=9, n_kv_heads=3, head
                      vocab_size=49152, tie_embeddings=True)  # fmt: skip
 LLAMA2_7B = ModelShape(n_layers=32, hidden_size=4096, n_heads=32, n_kv_heads=32, head_dim=128,
                        intermediate_size=11008, vocab_size=32000)  # fmt: skip
+GATE_BETAS = (0.9, 0.95)
 SCHEDULES = {
     # name: (source, target, steps, ramp, warmup, gate lr, lambda lr)
     "demo": (SMOLLM2, {"n_layers": 20, "hidden_size": 384, "n_heads": 6, "n_kv_heads": 2, "intermediate_size": 1024},
@@ -59,7 +60,7 @@ def simulate(source: ModelShape, target: dict, steps: int, ramp: int, warmup: in
     l0.noise_seed = seed
     importance = {m: torch.randn_like(g).mul(0.5).exp() for m, g in l0.gates.items()}
     groups = [
-        {"params": list(l0.gates.parameters()), "lr": gate_lr},
+        {"params": list(l0.gates.parameters()), "lr": gate_lr, "betas": GATE_BETAS},
         {"params": list(l0.lambda_1.parameters()) + list(l0.lambda_2.parameters()), "lr": -lambda_lr},
     ]
     opt = DecoupledAdamW(groups, lr=gate_lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)

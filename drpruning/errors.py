@@ -59,6 +59,14 @@ class SmolLM2Error(RuntimeError):
     """The GGUF source is unavailable or the export does not match SmolLM2-135M."""
 
 
+def report_error(error: BaseException | str, prog: str | None = None) -> int:
+    """Print one `[prog: ]error: <message>` line and return the one exit code every script uses for a user
+    error (2, as argparse's). For single-process scripts; a distributed run uses `report_config_error`."""
+    prefix = f"{prog}: " if prog else ""
+    print(f"{prefix}error: {error}", file=sys.stderr, flush=True)
+    return CONFIG_ERROR_EXIT_CODE
+
+
 def _global_rank() -> int:
     return int(os.environ.get("RANK", "0"))
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,7 +24,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from drpruning.data.checks import check_tokenizer
 from drpruning.data.manifest import load_manifest
-from drpruning.errors import ConfigError, DataDirError
+from drpruning.errors import ConfigError, DataDirError, report_error
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -176,8 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                   max_sequences=args.max_sequences, batch_size=args.batch_size,
                                   device=args.device, dtype=args.dtype)
     except ConfigError as error:
-        print(f"eval_domains: error: {error}", file=sys.stderr)
-        return 2
+        return report_error(error, prog="eval_domains")
     print(format_table(report))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

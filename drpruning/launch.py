@@ -35,18 +35,43 @@ log = logging.getLogger(__name__)
 LOCK_FILE = ".drpruning.lock"
 LATEST_CHECKPOINT = "latest-rank0.pt"
 _CHECKPOINT_FILE = re.compile(r"^ep(\d+)-ba(\d+)-rank0\.pt$")
-_HELD: list[IO[str]] = []  # open lock files: closing one would release its lock
 
 
 def _is_remote(path: str) -> bool:
     return "://" in path
 
 
-def acquire_run_lock(save_folder: str | None, run_name: str | None = None) -> Path | None:
+_HELD: list[RunLock] = []  # a lock lives as long as its open file: kept here for the life of the process
+
+
+class RunLock:
+    """The run folder's lock, held by this process until it exits (or `abandon` on a refused start)."""
+
+    def __init__(self, folder: Path, handle: IO[str], created_folder: bool, created_file: bool):
+        self.folder, self.path, self._handle = folder, folder / LOCK_FILE, handle
+        self._created_folder, self._created_file = created_folder, created_file
+
+    def abandon(self) -> None:
+        """A start that was refused leaves nothing behind: the lock file and the folder, if it made them."""
+        if self._created_file:
+            self.path.unlink(missing_ok=True)
+        if self._created_folder:
+            try:
+                self.folder.rmdir()  # only if still empty
+            except OSError:
+                pass
+        self._handle.close()
+        if self in _HELD:
+            _HELD.remove(self)
+
+
+def acquire_run_lock(save_folder: str | None, run_name: str | None = None) -> RunLock | None:
     """Take the run folder's lock for this process (global rank 0 only); `ConfigError` if a live run holds it."""
     if not save_folder or _is_remote(save_folder) or int(os.environ.get("RANK", "0")) != 0:
         return None
     folder = Path(save_folder)
+    created_folder = not folder.exists()
+    created_file = created_folder or not (folder / LOCK_FILE).exists()
     try:
         folder.mkdir(parents=True, exist_ok=True)
         handle = (folder / LOCK_FILE).open("a+", encoding="utf-8")
@@ -68,8 +93,9 @@ def acquire_run_lock(save_folder: str | None, run_name: str | None = None) -> Pa
     handle.write(json.dumps({"run_name": run_name, "pid": os.getpid(), "host": socket.gethostname(),
                              "started": started}) + "\n")  # fmt: skip
     handle.flush()
-    _HELD.append(handle)
-    return folder / LOCK_FILE
+    lock = RunLock(folder, handle, created_folder, created_file)
+    _HELD.append(lock)
+    return lock
 
 
 def check_checkpoint(path: Path) -> None:
@@ -108,7 +134,7 @@ def choose_resume_checkpoint(cfg: DictConfig) -> None:
     if not cfg.get("autoresume") or latest is None or not (latest.exists() or latest.is_symlink()):
         return _check_load_path(cfg.get("load_path"))  # nothing to resume: Composer reads load_path, if any
     newest = latest.resolve()
-    problem = _intact(latest) if latest.exists() else f"{latest} points to {newest}, which does not exist"
+    problem = _intact(newest) if latest.exists() else f"{latest} points to {newest}, which does not exist"
     if problem is None:
         return None
     for candidate in _checkpoints_newest_first(latest.parent):

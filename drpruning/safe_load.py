@@ -18,6 +18,7 @@ import datetime
 import importlib
 import io
 import pickle
+import re
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
@@ -50,6 +51,9 @@ def allowed_globals() -> list[Any]:
     return [*_numpy_globals(), datetime.timedelta, torch.torch_version.TorchVersion]
 
 
+_UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+
+
 def _describe(error: BaseException) -> str:
     text = str(error).strip().splitlines()
     return text[0] if text else type(error).__name__
@@ -68,14 +72,13 @@ def load_torch_file(path: str | Path | io.BytesIO, what: str, *, mmap: bool = Fa
         with torch.serialization.safe_globals(allowed_globals()):
             return torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
     except pickle.UnpicklingError as error:
-        message = _describe(error)
-        if "weights_only" in str(error) or "GLOBAL" in str(error) or "global" in message.lower():
-            names = unsafe_globals(path)
-            raise UnsafeFileError(
-                f"refusing to load {shown} as {what}: it names {', '.join(names) or 'code'}, which a {what} never "
-                "holds (a crafted or foreign file; loading it could run code)"
-            ) from None
-        raise ValueError(f"cannot read {shown} as {what}: {message}") from None
+        # torch words every refusal as a weights_only failure; a named global is what marks a crafted file.
+        names = sorted(set(unsafe_globals(path)) | set(_UNSUPPORTED_GLOBAL.findall(str(error))))
+        if names:
+            raise UnsafeFileError(f"refusing to load {shown} as {what}: it names {', '.join(names)}, which {what} "
+                                  "never holds (a crafted or foreign file; loading it could run code)") from None
+        raise ValueError(f"cannot read {shown} as {what} (truncated, or not a torch.save file): "
+                         f"{_describe(error)}") from None  # fmt: skip
     except (RuntimeError, EOFError, OSError, ValueError) as error:
         raise ValueError(f"cannot read {shown} as {what} (truncated, or not a torch.save file): "
                          f"{_describe(error)}") from None  # fmt: skip
@@ -94,7 +97,9 @@ def unsafe_globals(path: str | Path | io.BytesIO) -> list[str]:
 
 # A sharded checkpoint's `.metadata` holds torch.distributed.checkpoint's own dataclasses, sizes and dtypes.
 DCP_METADATA_PREFIXES = ("torch.distributed.checkpoint.metadata.", "torch.distributed.checkpoint.planner.",
-                         "torch.Size", "collections.OrderedDict", "builtins.set", "builtins.frozenset")
+                         "torch.distributed.checkpoint.filesystem._StorageInfo", "torch.Size",
+                         "torch.serialization._get_layout", "collections.OrderedDict", "builtins.set",
+                         "builtins.frozenset", "pathlib.PosixPath", "pathlib.PurePosixPath")
 
 
 def _is_torch_constant(module: str, name: str) -> bool:

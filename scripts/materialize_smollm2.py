@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from drpruning.demo.smollm2 import DEFAULT_OUT, config_summary, materialize
-from drpruning.errors import SmolLM2Error
+from drpruning.errors import SmolLM2Error, report_error
 
 
 def main() -> int:
@@ -25,8 +25,7 @@ def main() -> int:
     try:
         out = materialize(args.out)
     except SmolLM2Error as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return report_error(e)
     from transformers import AutoConfig
 
     print(f"{out}: {config_summary(AutoConfig.from_pretrained(out))}")

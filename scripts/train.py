@@ -64,12 +64,15 @@ def main(argv: Sequence[str]) -> int:
     if not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:
         local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_ranks))
+    lock = None
     try:
         cfg = load_config(argv[0], argv[1:])
-        acquire_run_lock(cfg.get("save_folder"), cfg.get("run_name"))
+        lock = acquire_run_lock(cfg.get("save_folder"), cfg.get("run_name"))  # held until the process exits
         choose_resume_checkpoint(cfg)
         train(cfg)
     except ConfigError as error:
+        if lock is not None:
+            lock.abandon()  # a refused start leaves the folder as it found it
         return report_config_error(error)
     return 0
 

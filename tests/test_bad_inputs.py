@@ -164,7 +164,7 @@ def test_prune_to_dense_refusals_keep_every_file(own, tmp_path, capsys):
     before = _tree(own["root"]), _tree(tmp_path)
     for out, message in ((run, "is the input"), (run.parent, "contains the input"), (run / "export", "lies inside"),
                          (mine, "not a previous export")):  # fmt: skip
-        assert prune_to_dense_main([str(run), str(out), "--overwrite", "--no-verify"]) == 1
+        assert prune_to_dense_main([str(run), str(out), "--overwrite", "--no-verify"]) == 2
         assert message in _one_error_line(capsys.readouterr().err)
         assert (_tree(own["root"]), _tree(tmp_path)) == before, out
 

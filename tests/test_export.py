@@ -23,6 +23,7 @@ from drpruning.pruning.callback import PruningCallback
 from drpruning.pruning.model import DRPruningCausalLM
 from drpruning.pruning.prunable import MaskState, make_prunable
 from drpruning.pruning.shapes import PRUNING_MODULES, ModelShape
+from drpruning.safe_load import load_torch_file
 
 REPO = Path(__file__).resolve().parents[1]
 ATOL = 1e-4
@@ -265,8 +266,25 @@ def test_script_exports_a_real_checkpoint(pruning_run, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "no staging folder may be left"
 
 
+def test_export_refuses_a_tokenizer_that_does_not_fit(pruning_run, tmp_path):
+    run, composer_model = pruning_run
+    vocab = composer_model.model.config.vocab_size
+    big = tmp_path / "big-tokenizer"
+    tokens = len(make_tiny_tokenizer(big, vocab_size=2000))  # as many as the tiny corpus yields: over 1,000
+    with pytest.raises(ExportError, match=rf"big-tokenizer has {tokens:,} tokens but the model has {vocab:,} embedding rows"):
+        export_run(run, tmp_path / "out", verify=False, tokenizer=big)
+    other = tmp_path / "other-tokenizer"  # fits the embedding, but is not the run's vocabulary
+    make_tiny_tokenizer(other, vocab_size=vocab - 20)
+    with pytest.raises(ExportError, match="other-tokenizer differs from the one saved in the checkpoint"):
+        export_run(run, tmp_path / "out", verify=False, tokenizer=other)
+    assert not (tmp_path / "out").exists()
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "prune_to_dense.py"), str(run), str(tmp_path / "o"),
+                             "--tokenizer", str(big)], capture_output=True, text=True, cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 2 and result.stderr.count("error:") == 1 and f"{tokens:,} tokens" in result.stderr
+
+
 def _checkpoint_state(run: Path) -> dict:
-    return torch.load(run / "latest-rank0.pt", weights_only=False)
+    return load_torch_file(run / "latest-rank0.pt", "a Composer checkpoint")
 
 
 def test_meta_json_fallback_embedded_tokenizer_and_overwrite(pruning_run, tmp_path):
@@ -280,7 +298,7 @@ def test_meta_json_fallback_embedded_tokenizer_and_overwrite(pruning_run, tmp_pa
     torch.save(checkpoint, other_run / "ep0-ba1-rank0.pt")
     out = tmp_path / "dense"
     export_run(run, out, verify=False)
-    assert json.loads((out / "pruning.json").read_text())["tokenizer"] != "checkpoint"
+    assert json.loads((out / "pruning.json").read_text())["tokenizer"] == "checkpoint"  # the run's own, by default
     with pytest.raises(ExportError, match="not empty"):
         export_run(other_run, out)
     export_run(other_run, out, overwrite=True)  # a previous export is replaced as a whole
@@ -322,7 +340,7 @@ def test_bad_inputs_fail_with_clear_messages(pruning_run, tmp_path, capsys):
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes((run / "latest-rank0.pt").read_bytes()[:5000])
     for bad in (foreign, truncated):
-        assert main([str(bad), str(tmp_path / "b")]) == 1
+        assert main([str(bad), str(tmp_path / "b")]) == 2
         assert str(bad) in capsys.readouterr().err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
@@ -358,7 +376,7 @@ def test_overwrite_never_touches_the_run_or_files_an_export_did_not_write(prunin
     for source, out, message in ((run, run, "is the input"), (run, run.parent, "contains the input"),
                                  (run, run / "dense", "lies inside the input"),
                                  (run / "latest-rank0.pt", run, "contains the input")):  # fmt: skip
-        assert main([str(source), str(out), "--overwrite", "--no-verify"]) == 1
+        assert main([str(source), str(out), "--overwrite", "--no-verify"]) == 2
         assert message in capsys.readouterr().err
     assert _tree(run.parent) == before, "the run folder and its siblings are unchanged"
 

@@ -320,10 +320,10 @@ def test_one_shot_keeps_the_importance_top_k_and_matches_the_masked_model(tiny_a
 
 def test_one_shot_cli_errors_are_one_line(tiny_assets, tmp_path, capsys):
     base = [str(tiny_assets / "qwen2"), str(tmp_path / "out"), "--data", str(tiny_assets / "mds")]
-    assert one_shot_main([*base, "--target", "n_layers=three"]) == 1
+    assert one_shot_main([*base, "--target", "n_layers=three"]) == 2
     assert "--target item 'n_layers=three'" in capsys.readouterr().err
-    assert one_shot_main([*base, "--target", "n_layers=9"]) == 1
+    assert one_shot_main([*base, "--target", "n_layers=9"]) == 2
     assert "larger than the source" in capsys.readouterr().err
-    assert one_shot_main([*base, "--target", "n_layers=3", "--domains", "poetry"]) == 1
+    assert one_shot_main([*base, "--target", "n_layers=3", "--domains", "poetry"]) == 2
     assert "unknown domain" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()

@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import shutil
-import sys
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -49,7 +48,7 @@ from drpruning.data.sources import (
     resolve_domain_files,
     validate_domain_name,
 )
-from drpruning.errors import ConfigError, DataPrepError
+from drpruning.errors import ConfigError, DataPrepError, report_error
 
 
 @dataclass
@@ -403,8 +402,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             shard_size_limit=args.shard_size_limit, show_progress=not args.no_progress,
         )
     except ConfigError as e:
-        print(f"prepare_data: error: {e}", file=sys.stderr)
-        return 2
+        return report_error(e, prog="prepare_data")
     for line in summary_lines(manifest):
         print(line)
     print(f"wrote {args.out}")

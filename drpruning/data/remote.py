@@ -37,7 +37,7 @@ from streaming.base.storage import CloudDownloader, CloudUploader
 from streaming.base.stream import Stream
 
 from drpruning.data.manifest import MANIFEST_NAME
-from drpruning.errors import RemoteDataError
+from drpruning.errors import RemoteDataError, report_error
 
 REMOTE_MARKER = ".remote"
 DEFAULT_DOWNLOAD_TIMEOUT = 60.0
@@ -216,7 +216,6 @@ def prepare_data_main(argv: Sequence[str] | None = None) -> int:
     try:
         sent = upload_prepared(args.out, args.remote)
     except Exception as error:
-        print(f"prepare_data: error: upload to {args.remote} failed: {type(error).__name__}: {error}", file=sys.stderr)
-        return 1
+        return report_error(f"upload to {args.remote} failed: {type(error).__name__}: {error}", prog="prepare_data")
     print(f"uploaded {args.out} to {args.remote} ({len(sent)} files)")
     return 0

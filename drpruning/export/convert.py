@@ -11,11 +11,10 @@ import argparse
 import gc
 import json
 import logging
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from drpruning.errors import ConfigError, ExportError
+from drpruning.errors import ConfigError, ExportError, report_error
 from drpruning.export.checkpoint import load_pruning_checkpoint
 from drpruning.export.dense import dense_export
 from drpruning.export.write import SUMMARY_FILE, check_out_dir, save_export
@@ -54,15 +53,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace a previous export in OUT_DIR (a folder holding anything else is refused)")
     parser.add_argument("--no-verify", action="store_true", help="skip the masked-vs-dense logit check")
-    parser.add_argument("--tokenizer", help="tokenizer dir to copy (default: the source model's)")
+    parser.add_argument("--tokenizer", help="tokenizer dir to copy (default: the one saved in the checkpoint, else the source "
+                        "model's); it must be the tokenizer the run used")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         out = export_run(args.checkpoint, args.out_dir, overwrite=args.overwrite, verify=not args.no_verify,
                          tokenizer=args.tokenizer)  # fmt: skip
     except (ExportError, ConfigError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+        return report_error(error)
     summary = json.loads((out / SUMMARY_FILE).read_text(encoding="utf-8"))
     print(f"wrote {out}: {summary['params_before']:,} → {summary['params_after']:,} parameters, "
           f"shape {summary['exported_shape']}")  # fmt: skip

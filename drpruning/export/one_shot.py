@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM
 
-from drpruning.errors import CalibrationError, ExportError, ShapeError
+from drpruning.errors import ConfigError, ExportError, ShapeError, report_error
 from drpruning.export.dense import dense_export
 from drpruning.export.write import check_out_dir, save_export
 from drpruning.pruning.calibration import LAYER_MEASURES, CalibrationConfig
@@ -112,9 +111,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         out = one_shot_prune(args.source, parse_target(args.target), CalibrationConfig.from_dict(settings),
                              args.out_dir, pruning_modules=args.pruning_modules, overwrite=args.overwrite,
                              verify=not args.no_verify)  # fmt: skip
-    except (ExportError, CalibrationError, ShapeError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    except (ExportError, ConfigError) as error:
+        return report_error(error)
     summary = json.loads((out / "pruning.json").read_text(encoding="utf-8"))
     cost = summary["importance"]["cost"]
     print(f"wrote {out}: {summary['params_before']:,} → {summary['params_after']:,} parameters, shape "

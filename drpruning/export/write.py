@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from composer.models.huggingface import HuggingFaceModel
-from transformers import AutoTokenizer, PreTrainedModel
+from transformers import AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from drpruning.atomic import replace_directory, staged_directory
 from drpruning.errors import ExportError
@@ -55,22 +55,50 @@ def check_out_dir(out_dir: Path, overwrite: bool, source: Path) -> None:
                           "previous export, so move them away or choose another folder")  # fmt: skip
 
 
-def _save_tokenizer(out_dir: Path, override: str | Path | None, source: str | None,
+def _load_embedded(embedded: Mapping[str, Any], files: str) -> PreTrainedTokenizerBase | None:
+    """The tokenizer Composer saved inside the checkpoint (its reader writes the files to a folder first)."""
+    return HuggingFaceModel.load_huggingface_tokenizer_from_saved_state({"tokenizer": dict(embedded)},
+                                                                         tokenizer_save_dir=files)  # fmt: skip
+
+
+def check_tokenizer_fits(tokenizer: PreTrainedTokenizerBase, config: PretrainedConfig, origin: str,
+                         trained_with: PreTrainedTokenizerBase | None = None) -> None:  # fmt: skip
+    """Refuse a tokenizer that does not fit the model: more tokens than its embedding rows, special-token ids
+    other than the config's, or (when the run's own tokenizer is known) another vocabulary than it."""
+    size, rows = len(tokenizer), int(config.vocab_size)
+    if size > rows:
+        raise ExportError(f"the tokenizer from {origin} has {size:,} tokens but the model has {rows:,} embedding rows: "
+                          "it is not the tokenizer the model was trained with")  # fmt: skip
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        ids, expected = getattr(tokenizer, name, None), getattr(config, name, None)
+        allowed = set(expected) if isinstance(expected, list) else {expected}
+        if ids is not None and expected is not None and ids not in allowed:
+            raise ExportError(f"the tokenizer from {origin} has {name}={ids} but the model's config says {expected}")
+    if trained_with is not None and tokenizer.get_vocab() != trained_with.get_vocab():
+        raise ExportError(f"the tokenizer from {origin} differs from the one saved in the checkpoint (the run's "
+                          f"own: {len(trained_with):,} tokens, this one {size:,}); omit --tokenizer to use the "
+                          "checkpoint's")  # fmt: skip
+
+
+def _save_tokenizer(out_dir: Path, config: PretrainedConfig, override: str | Path | None, source: str | None,
                     embedded: Mapping[str, Any] | None) -> str:  # fmt: skip
-    """Tokenizer files from the override, else the source model dir, else the copy inside the checkpoint."""
-    for origin in (override, source):
-        if origin is not None and (override is not None or Path(origin).is_dir()):
-            AutoTokenizer.from_pretrained(str(origin)).save_pretrained(str(out_dir))
-            return str(origin)
-    if embedded:
-        with tempfile.TemporaryDirectory() as files:  # Composer's reader writes the files to a folder first
-            tokenizer = HuggingFaceModel.load_huggingface_tokenizer_from_saved_state(
-                {"tokenizer": dict(embedded)}, tokenizer_save_dir=files
-            )
-            if tokenizer is not None:
-                tokenizer.save_pretrained(str(out_dir))
-                return "checkpoint"
-    raise ExportError("no tokenizer found: the source dir is missing and the checkpoint holds none; pass --tokenizer")
+    """Tokenizer files from the checkpoint (the run's own), else --tokenizer, else the source model dir; an
+    explicit --tokenizer must match the checkpoint's, and whatever is written must fit the model."""
+    with tempfile.TemporaryDirectory() as files:
+        own = _load_embedded(embedded, files) if embedded else None
+        if override is not None:
+            tokenizer, origin = AutoTokenizer.from_pretrained(str(override)), str(override)
+        elif own is not None:
+            tokenizer, origin = own, "checkpoint"
+        elif source is not None and Path(source).is_dir():
+            tokenizer, origin = AutoTokenizer.from_pretrained(str(source)), str(source)
+        else:
+            raise ExportError("no tokenizer found: the checkpoint holds none and the source dir is missing; "
+                              "pass --tokenizer")  # fmt: skip
+        check_tokenizer_fits(tokenizer, config, "the checkpoint" if origin == "checkpoint" else origin,
+                             trained_with=own if origin != "checkpoint" else None)  # fmt: skip
+        tokenizer.save_pretrained(str(out_dir))
+    return origin
 
 
 def save_export(
@@ -97,6 +125,6 @@ def save_export(
 
     with staged_directory(out_dir, install) as staging:
         dense.save_pretrained(str(staging), safe_serialization=True)
-        summary["tokenizer"] = _save_tokenizer(staging, tokenizer, source, embedded_tokenizer)
+        summary["tokenizer"] = _save_tokenizer(staging, dense.config, tokenizer, source, embedded_tokenizer)
         (staging / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return out_dir
