@@ -67,7 +67,7 @@ def simulate(source: ModelShape, target: dict, steps: int, ramp: int, warmup: in
     base = [g["lr"] for g in opt.param_groups]
     worst_track, worst_over = 0.0, -1.0
     for step in range(steps):
-        for group, lr in zip(opt.param_groups, base):
+        for group, lr in zip(opt.param_groups, base, strict=True):
             group["lr"] = lr * lr_factor(step, steps, warmup)
         l0.train_step = step
         masks, lagrangian, stats = l0()
