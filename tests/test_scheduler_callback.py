@@ -18,6 +18,7 @@ from composer.core import Time
 
 import drpruning.runs
 import drpruning.scheduling.scheduler
+from drpruning.errors import ConfigError
 from drpruning.scheduling.dro import dro_proportions
 from drpruning.scheduling.policies import PolicySettings
 from drpruning.scheduling.scheduler import DataScheduler
@@ -148,6 +149,7 @@ def train(callback: DataScheduler, run: Run, start: int, end: int, eval_interval
     try:
         run.at_batch(start)
         if eval_first:
+            callback.eval_standalone_start(run.state, run.logger)
             run.set_eval(start)
             callback.eval_standalone_end(run.state, run.logger)
         callback.fit_start(run.state, run.logger)
@@ -255,6 +257,34 @@ def test_source_without_eval_first_uses_the_first_eval(tmp_path: Path, caplog: p
     first = run.schedule_lines()[0]
     assert first["reference_losses"] == pytest.approx(first["losses"], rel=1e-12)
     assert first["proportions"] == pytest.approx(dict(zip(DOMAINS, P0, strict=True)), rel=1e-12)  # v = 0 → p_R
+
+
+def test_first_eval_update_for_sheared(tmp_path: Path) -> None:
+    """`first_eval_update` adds the reference scripts' step-0 `sheared` update from the eval_first eval; its
+    factor carries into every later update, and the policies whose reference had no step-0 eval ignore it."""
+    runs = {}
+    for switch in (False, True):
+        run = Run(tmp_path / str(switch))
+        run.folder.mkdir()
+        train(scheduler(policy="sheared", update_interval=50, first_eval_update=switch), run, 0, 100,
+              eval_interval=50, eval_first=True)
+        runs[switch] = run.schedule_lines()
+    assert [line["step"] for line in runs[False]] == [50, 100]
+    assert [line["step"] for line in runs[True]] == [0, 50, 100]
+    step0 = runs[True][0]
+    losses = np.array([eval_loss(0, d) for d in range(3)])
+    # Sheared's reference code: q = (1 - c) softmax(log p0 + (loss - reference)) + c / k, c = 1e-4.
+    alpha = np.exp(np.log(P0) + losses - np.array([REFERENCE[d] for d in DOMAINS]))
+    q0 = (1 - 1e-4) * alpha / alpha.sum() + 1e-4 / 3
+    np.testing.assert_allclose([step0["proportions"][d] for d in DOMAINS], q0 / q0.sum(), rtol=1e-6)  # float32 evals
+    assert runs[True][1]["proportions"] != runs[False][0]["proportions"]  # the step-0 factor carries on
+    run = Run(tmp_path / "dro")
+    run.folder.mkdir()
+    train(scheduler(policy="dro", update_interval=50, first_eval_update=True), run, 0, 100, eval_interval=50,
+          eval_first=True)
+    assert [line["step"] for line in run.schedule_lines()] == [50, 100]
+    with pytest.raises(ConfigError, match="first_eval_update"):
+        scheduler(policy="sheared", first_eval_update="yes")
 
 
 def test_train_ema_mode(tmp_path: Path) -> None:

@@ -160,8 +160,8 @@ class Policy(ABC):
         losses = np.asarray(observation.losses, dtype=np.float64)
         if losses.shape != (self.num_domains,) or not np.all(np.isfinite(losses)):
             raise ValueError(f"losses must be {self.num_domains} finite values, got {losses.tolist()}")
-        if not 0.0 < observation.progress <= 1.0 + 1e-9:
-            raise ValueError(f"progress must lie in (0, 1], got {observation.progress}")
+        if not 0.0 <= observation.progress <= 1.0 + 1e-9:  # 0: a step-0 update (first_eval_update)
+            raise ValueError(f"progress must lie in [0, 1], got {observation.progress}")
         if not self.ready:
             raise RuntimeError(f"policy '{self.name}' has no reference losses yet")
         return self._update(observation)

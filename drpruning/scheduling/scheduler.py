@@ -45,7 +45,10 @@ _EVAL_METRIC = "LanguageCrossEntropy"
 _STATE_VERSION = 1
 # The callback's own yaml keys; every other key is a `PolicySettings` field.
 _SCHEDULER_OPTIONS = ("policy", "update_interval", "loss_source", "reference_losses", "initial_proportions", "ema",
-                      "on_nan")
+                      "on_nan", "first_eval_update")
+# The policies whose reference code updated at the `eval_first` eval (step 0): Sheared-LLaMA's dynamic loading
+# callback updated at every eval_end, the first included; the DRO callback's runs disabled eval_first.
+_FIRST_EVAL_POLICIES = ("sheared",)
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,9 @@ class DataScheduler(Callback):
         initial_proportions: `{domain: p}` or a list in the mixer's domain order; default the mixer's.
         ema: λ in (0, 1] of the train-loss EMA (`loss_source: train_ema`).
         on_nan: `error` (raise, naming the domain and step) or `skip` (leave the proportions unchanged).
+        first_eval_update: `sheared` only: also update at step 0 from the `eval_first` eval (the source model's
+            losses), as the reference scripts did; that first factor carries through the run multiplicatively.
+            Default off; other policies ignore it (the reference's DRO runs had no step-0 eval).
         **policy_settings: the fields of `drpruning.scheduling.policies.PolicySettings`, documented
             there in full; any other key is refused by name.
             dynamic_reference_loss: `dro`/`drpruning`, refit ℓ_R from scaling-law predictions (default on
@@ -97,13 +103,16 @@ class DataScheduler(Callback):
     def __init__(self, policy: str = "drpruning", update_interval: int = 50, loss_source: str = "eval",
                  reference_losses: Mapping[str, float] | str | None = None,
                  initial_proportions: Mapping[str, float] | Sequence[float] | None = None,
-                 ema: float = 0.1, on_nan: str = "error", **policy_settings: Any) -> None:
+                 ema: float = 0.1, on_nan: str = "error", first_eval_update: bool = False,
+                 **policy_settings: Any) -> None:
         if isinstance(update_interval, bool) or not isinstance(update_interval, int) or update_interval < 1:
             raise ConfigError(f"update_interval must be an integer number of batches ≥ 1, got {update_interval!r}")
         if loss_source not in ("eval", "train_ema"):
             raise ConfigError(f"loss_source must be 'eval' or 'train_ema', got {loss_source!r}")
         if on_nan not in ("error", "skip"):
             raise ConfigError(f"on_nan must be 'error' or 'skip', got {on_nan!r}")
+        if not isinstance(first_eval_update, bool):
+            raise ConfigError(f"first_eval_update must be true or false, got {first_eval_update!r}")
         if not 0.0 < ema <= 1.0:
             raise ConfigError(f"ema must lie in (0, 1], got {ema}")
         if isinstance(reference_losses, str) and reference_losses != "source":
@@ -123,6 +132,7 @@ class DataScheduler(Callback):
         self.initial_proportions_config = initial_proportions
         self.ema = float(ema)
         self.on_nan = on_nan
+        self.first_eval_update = first_eval_update and policy in _FIRST_EVAL_POLICIES
 
         self.policy: Policy | None = None
         self.domains: list[str] = []
@@ -221,6 +231,8 @@ class DataScheduler(Callback):
         """`eval_first: true` runs a standalone eval before training: the source model's losses."""
         self._setup(state)
         self._maybe_measure_source(state)
+        if self.first_eval_update and self.loss_source == "eval" and int(state.timestamp.batch) == 0:
+            self._update(state, logger, self._read_eval_losses(state))
 
     def eval_after_all(self, state: State, logger: Logger) -> None:
         self._setup(state)
@@ -328,7 +340,7 @@ class DataScheduler(Callback):
     def _ready_to_update(self, batch: int, losses: np.ndarray) -> bool:
         """False (after a log line, or an error under `on_nan: error`) when this update must be skipped."""
         assert self.policy is not None
-        if batch == self.last_update_batch:
+        if self.num_updates and batch == self.last_update_batch:
             return False
         bad = [domain for domain, value in zip(self.domains, losses, strict=True) if not np.isfinite(value)]
         if bad:
