@@ -260,6 +260,11 @@ def test_script_exports_a_real_checkpoint(pruning_run, tmp_path):
     assert summary["verification"]["max_abs_logit_diff"] <= ATOL
     gates = composer_model.l0_module.gates["hidden"].detach()
     assert summary["kept"]["hidden"] == sorted(gates.argsort(descending=True)[: TARGET["hidden_size"]].tolist())
+    current, target = composer_model.l0_module.current_masks(), composer_model.l0_module.target_masks()
+    for module, agreement in summary["shared_with_current_masks"].items():
+        both = float(((current[module] > 0) & (target[module] > 0)).sum() / (target[module] > 0).sum())
+        assert agreement["shared"] == pytest.approx(both) and 0.0 < both <= 1.0
+        assert agreement["current_units"] == int(current[module].sum())
     tokenizer = AutoTokenizer.from_pretrained(out)
     prompt = tokenizer("The quick fox", return_tensors="pt").input_ids
     assert dense.generate(prompt, max_new_tokens=3, do_sample=False).shape[1] == prompt.shape[1] + 3

@@ -296,6 +296,19 @@ def pruning_summary(
     }
 
 
+def shared_with_current(l0_module: L0Module, masks: Mapping[str, Tensor]) -> dict[str, dict[str, float]]:
+    """Per module: how much of the export is the model that trained at the end (the gates' current masks,
+    which the last eval scored). `shared` is the fraction of the export's kept units the current masks also
+    keep; 1.0 means no unit comes back that trained switched off."""
+    current = l0_module.current_masks()
+    result = {}
+    for module, mask in masks.items():
+        kept, now = mask > 0, current[module] > 0
+        result[module] = {"export_units": int(kept.sum()), "current_units": int(now.sum()),
+                          "shared": float((kept & now).sum() / kept.sum().clamp(min=1))}  # fmt: skip
+    return result
+
+
 def dense_export(
     model: PreTrainedModel,
     l0_module: L0Module,
@@ -317,6 +330,7 @@ def dense_export(
         raise ExportError(f"the masks give shape {kept.shape.target_dict()}, not the target {target}")
     dense = prune_to_dense(model, masks, kept)
     summary = pruning_summary(model, masks, dense, source=source, step=step, target_shape=target, kept=kept)
+    summary["shared_with_current_masks"] = shared_with_current(l0_module, masks)
     if verify:
         difference, scale = logit_difference(model, masks, dense, num_verify_sequences, shape=kept.source)
         tolerance = VERIFY_ATOL + VERIFY_RTOL * scale
