@@ -43,6 +43,10 @@ class CalibrationError(ConfigError):
     """Calibration settings or data that cannot produce an importance pass."""
 
 
+class OutputError(ConfigError):
+    """An output folder that cannot be written: not writable, too little free space, a full disk."""
+
+
 class UnsafeFileError(ConfigError):
     """A pickled file (checkpoint, importance cache) that names code to run when loaded; it is not loaded."""
 

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from drpruning.demo.smollm2 import DEFAULT_OUT, config_summary, materialize
-from drpruning.errors import SmolLM2Error, report_error
+from drpruning.errors import ConfigError, SmolLM2Error, report_error
 
 
 def main() -> int:
@@ -24,7 +24,7 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         out = materialize(args.out)
-    except SmolLM2Error as e:
+    except (SmolLM2Error, ConfigError) as e:
         return report_error(e)
     from transformers import AutoConfig
 

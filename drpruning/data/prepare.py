@@ -33,7 +33,7 @@ from streaming import MDSWriter
 from tqdm import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from drpruning.atomic import replace_directory, staged_directory
+from drpruning.atomic import is_scratch_name, replace_directory, scratch_parent, staged_directory
 from drpruning.data.checks import FINGERPRINT_KEY, tokenizer_fingerprint
 from drpruning.data.manifest import (
     MANIFEST_FORMAT_VERSION,
@@ -224,6 +224,13 @@ def _written_entries(out_dir: Path) -> list[str]:
     return entries
 
 
+def _expected_output_bytes(domain_files: Mapping[str, list[Path]], dtype: np.dtype) -> int:
+    """What the shards will take, about: one token per 4 bytes of text (gzip inputs count 4x their size)."""
+    text_bytes = sum(p.stat().st_size * (4 if p.name.endswith(".gz") else 1)
+                     for files in domain_files.values() for p in files)  # fmt: skip
+    return text_bytes // 4 * np.dtype(dtype).itemsize
+
+
 def _check_out_dir(out_dir: Path, overwrite: bool, domain_files: Mapping[str, list[Path]],
                    patterns: Mapping[str, list[str]]) -> list[str]:  # fmt: skip
     """Refuse an OUT_DIR that would lose data; returns the entries an overwrite replaces (empty: none).
@@ -244,7 +251,7 @@ def _check_out_dir(out_dir: Path, overwrite: bool, domain_files: Mapping[str, li
             if Path(pattern).is_dir() and _inside(resolved, Path(pattern).resolve()):
                 raise DataPrepError(f"--out {out_dir} lies inside input folder {pattern} of domain {name!r}; "
                                     "write the output elsewhere")  # fmt: skip
-    if not out_dir.is_dir() or not any(out_dir.iterdir()):
+    if not out_dir.is_dir() or not any(not is_scratch_name(p.name) for p in out_dir.iterdir()):
         return []
     if not overwrite:
         raise DataPrepError(f"output folder {out_dir} is not empty; pass --overwrite to replace it")
@@ -266,7 +273,7 @@ def _replace_outputs(staging: Path, out_dir: Path, old_entries: list[str]) -> No
     if not old_entries:
         replace_directory(staging, out_dir)
         return
-    retired = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+    retired = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=scratch_parent(out_dir)))
     try:
         for entry in old_entries:  # the manifest first
             if (out_dir / entry).exists():
@@ -294,12 +301,24 @@ def prepare_data(
     batch_documents: int = 256,
     shard_size_limit: int = 1 << 26,
     show_progress: bool = True,
+    relocate: tuple[str | Path, str | Path] | None = None,
 ) -> dict[str, Any]:
     """Build the per-domain MDS dataset described in the module docstring and return its manifest.
 
     `domains` maps a name to a path, folder or glob (or a list of them); order is kept as domain order.
     With `overwrite`, a non-empty `out_dir` must be an earlier output, and only its files are replaced.
+    The manifest records real, absolute paths of the tokenizer and the sources; `relocate = (staging, final)`
+    records paths under `staging` as under `final`, for a caller that builds them in a staging folder
+    renamed afterwards (the tiny assets).
     """
+
+    def recorded(path: Path) -> str:
+        if relocate is not None:
+            staging, final = (Path(p).absolute() for p in relocate)
+            if path.is_relative_to(staging):
+                return str(final / path.relative_to(staging))
+        return str(path)
+
     if not domains:
         raise DataPrepError("no domains given")
     if seq_len < 2:
@@ -311,7 +330,8 @@ def prepare_data(
         validate_domain_name(name)
     out_path = Path(out_dir)
     patterns = {name: [str(p) for p in specs] for name, specs in sources.items()}
-    domain_files = {name: resolve_domain_files(name, patterns[name]) for name in sources}
+    skipped: dict[str, list[tuple[str, str]]] = {name: [] for name in sources}
+    domain_files = {name: resolve_domain_files(name, patterns[name], skipped[name]) for name in sources}
     _check_out_dir(out_path, overwrite, domain_files, patterns)
     tokenizer = load_tokenizer(tokenizer_dir)
     dtype = token_dtype_for_vocab(len(tokenizer))
@@ -320,7 +340,7 @@ def prepare_data(
         # Checked again: the folder may have been filled while we worked.
         _replace_outputs(staging, out, _check_out_dir(out, overwrite, domain_files, patterns))
 
-    with staged_directory(out_path, install) as staging:
+    with staged_directory(out_path, install, need_bytes=_expected_output_bytes(domain_files, dtype)) as staging:
         manifest_domains = []
         for name, files in domain_files.items():
             result = _write_domain(
@@ -329,19 +349,20 @@ def prepare_data(
             )
             manifest_domains.append({
                 "name": name,
-                "sources": [str(p) for p in sources[name]],
+                "sources": [recorded(Path(p).absolute()) for p in sources[name]],
                 "files": len(files),
                 "documents": result.documents,
                 "train": {"path": f"{name}/train", **vars(result.train)},
                 "eval": {"path": f"{name}/eval", **vars(result.eval)},
                 "dropped_tokens": result.dropped_tokens,
                 "replaced_surrogates": result.replaced_surrogates,
+                "skipped_inputs": [{"path": path, "why": why} for path, why in skipped[name]],
             })
         manifest = {
             "format_version": MANIFEST_FORMAT_VERSION,
             "seq_len": seq_len,
             "eval_sequences": eval_sequences,
-            "tokenizer": str(tokenizer_dir),
+            "tokenizer": recorded(Path(tokenizer_dir).resolve()),
             FINGERPRINT_KEY: tokenizer_fingerprint(tokenizer),
             "vocab_size": len(tokenizer),
             "eos_token_id": tokenizer.eos_token_id,
@@ -365,6 +386,8 @@ def summary_lines(manifest: Mapping[str, Any]) -> list[str]:
         if domain.get("replaced_surrogates"):
             line += f"; replaced {domain['replaced_surrogates']:,} lone surrogate(s) with U+FFFD"
         lines.append(line)
+        for entry in domain.get("skipped_inputs", []):
+            lines.append(f"{domain['name']}: skipped {entry['path']} ({entry['why']})")
     return lines
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import glob
 import gzip
 import json
+import os
 import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -28,6 +29,7 @@ _BINARY_SIGNATURES = {
     b"\xfd7zXZ\x00": "xz", b"PAR1": "parquet", b"ARROW1": "arrow", b"%PDF": "pdf",
 }
 _SNIFF_BYTES = 1 << 13
+UTF8_BOM = b"\xef\xbb\xbf"  # a byte-order mark some editors write first: not text, so every reader drops it
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
@@ -45,14 +47,39 @@ def validate_domain_name(name: str) -> None:
         raise DataPrepError(f"domain name {name!r} is not a valid identifier (letters, digits, _; no leading digit)")
 
 
-def resolve_domain_files(name: str, patterns: Sequence[str]) -> list[Path]:
+def _walk(folder: Path, skipped: list[tuple[str, str]]) -> list[Path]:
+    """Regular files under `folder`; what is not read is recorded in `skipped` as (path, why), never dropped
+    silently: dangling links, unreadable files, other file types, and symlinked folders (not followed, so a
+    link cannot loop or pull in a tree outside the input)."""
+    found = []
+    for root, dirs, names in os.walk(folder, followlinks=False):
+        for name in sorted(dirs):
+            if (Path(root) / name).is_symlink():
+                skipped.append((str(Path(root) / name), "symlinked folder, not followed"))
+        for name in sorted(names):
+            path = Path(root) / name
+            if not path.exists():
+                skipped.append((str(path), "dangling symlink"))
+            elif not path.is_file():
+                skipped.append((str(path), "not a regular file"))
+            elif not os.access(path, os.R_OK):
+                skipped.append((str(path), "not readable"))
+            else:
+                found.append(path)
+    return found
+
+
+def resolve_domain_files(name: str, patterns: Sequence[str],
+                         skipped: list[tuple[str, str]] | None = None) -> list[Path]:  # fmt: skip
     """Files of one domain in sorted order: folders give their .txt/.jsonl/.jsonl.gz files recursively,
-    globs (with `**`) give every file they match, plain paths give themselves."""
+    globs (with `**`) give every file they match, plain paths give themselves. Entries a folder or glob
+    holds but that cannot be read (see `_walk`) are appended to `skipped` as (path, why)."""
+    skipped = [] if skipped is None else skipped
     files: set[Path] = set()
     for pattern in patterns:
         path = Path(pattern)
         if path.is_dir():
-            found = [p for p in path.rglob("*") if p.is_file()]
+            found = _walk(path, skipped)
             matched = [p for p in found if p.name.endswith(FOLDER_SUFFIXES)]
             if found and not matched:
                 raise DataPrepError(
@@ -62,7 +89,9 @@ def resolve_domain_files(name: str, patterns: Sequence[str]) -> list[Path]:
         elif path.is_file():
             matched = [path]
         else:
-            matched = [Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file()]
+            globbed = [Path(p) for p in glob.glob(pattern, recursive=True)]
+            matched = [p for p in globbed if p.is_file()]
+            skipped.extend((str(p), "dangling symlink") for p in globbed if p.is_symlink() and not p.exists())
         if not matched:
             raise DataPrepError(f"domain {name!r}: {pattern!r} matches no input files")
         files.update(p.resolve() for p in matched)
@@ -78,7 +107,7 @@ def _decode_utf8(data: bytes, where: str) -> str:
 
 def _first_line_is_json_lines(head: bytes) -> bool:
     """True when the first non-blank line of `head` is a whole JSON object with a `text` field."""
-    for line in head.splitlines():
+    for line in head.removeprefix(UTF8_BOM).splitlines():
         if line.strip():
             try:
                 record = json.loads(line)
@@ -112,7 +141,7 @@ def file_format(path: Path) -> str:
 def _iter_jsonl_texts(stream: BinaryIO, path: Path, counts: dict[str, int]) -> Iterator[str]:
     for line_number, raw_line in enumerate(stream, start=1):
         where = f"{path}:{line_number}"
-        line = _decode_utf8(raw_line, where).strip()
+        line = _decode_utf8(raw_line.removeprefix(UTF8_BOM) if line_number == 1 else raw_line, where).strip()
         if not line:
             continue
         try:
@@ -154,6 +183,6 @@ def iter_file_documents(path: Path, counts: dict[str, int] | None = None) -> Ite
                 if text.strip():
                     yield text, raw.tell()
         else:
-            text = _decode_utf8(raw.read(), str(path))
+            text = _decode_utf8(raw.read().removeprefix(UTF8_BOM), str(path))
             if text.strip():
                 yield text, raw.tell()

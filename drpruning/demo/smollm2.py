@@ -15,7 +15,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from drpruning.atomic import staged_directory
+from drpruning.atomic import refuse_foreign_folder, staged_directory
 from drpruning.errors import SmolLM2Error
 
 if TYPE_CHECKING:
@@ -132,12 +132,13 @@ def materialize(out_dir: Path | str = DEFAULT_OUT) -> Path:
     if is_complete(out_dir):
         log.info("%s already holds a complete SmolLM2-135M export; nothing to do", out_dir)
         return out_dir
+    refuse_foreign_folder(out_dir, COMPLETE_MARKER, "a SmolLM2-135M export")
     gguf = find_gguf()
     log.info("loading %s (dequantizing to float32)", gguf)
     model, tokenizer = load_from_gguf(gguf)
     check_shape(model.config)
 
-    with staged_directory(out_dir) as tmp:  # replaces what is there: an earlier, incomplete attempt
+    with staged_directory(out_dir) as tmp:  # replaces what is there: an earlier export (a foreign folder is refused)
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp, legacy_format=False)  # tokenizer.json only: no copy of the GGUF as "tokenizer.model"
         diff = max_logit_diff(tmp, model, tokenizer)

@@ -22,7 +22,7 @@ from transformers import (
     Qwen2Config,
 )
 
-from drpruning.atomic import staged_directory
+from drpruning.atomic import refuse_foreign_folder, staged_directory
 from drpruning.data.prepare import prepare_data
 
 TINY_DOMAINS: tuple[str, ...] = ("prose", "code", "math", "facts")
@@ -156,10 +156,12 @@ def make_tiny_mds(
     seq_len: int = 64,
     eval_sequences: int = 8,
     docs_per_domain: int = 200,
+    installed_at: str | Path | None = None,
 ) -> Path:
     """Tokenizer, corpus and prepared MDS set under `root` (`tokenizer/`, `corpus/`, `mds/`); returns `mds/`.
 
     One call gives tests and CPU recipes a complete `domain_mixture` / `domain_eval` data folder.
+    `installed_at`: where `root` will be once renamed (the manifest records the paths there).
     """
     root_path = Path(root)
     make_tiny_tokenizer(root_path / "tokenizer")
@@ -172,6 +174,7 @@ def make_tiny_mds(
         eval_sequences=eval_sequences,
         overwrite=True,
         show_progress=False,
+        relocate=None if installed_at is None else (root_path.resolve(), Path(installed_at).resolve()),
     )
     return root_path / "mds"
 
@@ -225,8 +228,9 @@ def make_tiny_assets(out: str | Path, seq_len: int = 64) -> Path:
     out = Path(out)
     if (out / ".complete").exists():
         return out
-    with staged_directory(out) as work:  # replaces what is there: an earlier, incomplete attempt
-        make_tiny_mds(work, n_domains=4, seq_len=seq_len, eval_sequences=8, docs_per_domain=300)
+    refuse_foreign_folder(out, ".complete", "tiny assets")
+    with staged_directory(out) as work:  # an empty folder or nothing: a foreign folder was refused above
+        make_tiny_mds(work, n_domains=4, seq_len=seq_len, eval_sequences=8, docs_per_domain=300, installed_at=out)
         vocab_size = len(AutoTokenizer.from_pretrained(work / "tokenizer"))
         for kind in ("llama_gqa", "qwen2"):
             save_tiny_model(kind, work / kind, vocab_size=vocab_size)

@@ -16,7 +16,7 @@ from typing import Any
 from composer.models.huggingface import HuggingFaceModel
 from transformers import AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from drpruning.atomic import replace_directory, staged_directory
+from drpruning.atomic import is_scratch_name, replace_directory, staged_directory
 from drpruning.errors import ExportError
 
 SUMMARY_FILE = "pruning.json"
@@ -40,14 +40,15 @@ def check_out_dir(out_dir: Path, overwrite: bool, source: Path) -> None:
         raise ExportError(f"{out_dir} contains the input {source}; write the export to a folder outside it")
     if out_dir.exists() and not out_dir.is_dir():
         raise ExportError(f"{out_dir} exists and is not a directory")
-    if not out_dir.is_dir() or not any(out_dir.iterdir()):
+    entries = [p for p in out_dir.iterdir() if not is_scratch_name(p.name)] if out_dir.is_dir() else []
+    if not entries:
         return
     if not overwrite:
         raise ExportError(f"{out_dir} exists and is not empty; pass --overwrite (overwrite=True) to replace it")
     if not (out_dir / SUMMARY_FILE).is_file():
         raise ExportError(f"{out_dir} is not a previous export (no {SUMMARY_FILE}); --overwrite replaces only an "
                           "export, so choose an empty or new folder")  # fmt: skip
-    foreign = sorted(p.name + ("/" if p.is_dir() else "") for p in out_dir.iterdir()
+    foreign = sorted(p.name + ("/" if p.is_dir() else "") for p in entries
                      if p.is_dir() or not _EXPORT_FILE.match(p.name))  # fmt: skip
     if foreign:
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
@@ -123,7 +124,8 @@ def save_export(
         check_out_dir(out, overwrite, input_path)  # again: the folder may have been filled while we worked
         replace_directory(staging, out)
 
-    with staged_directory(out_dir, install) as staging:
+    need = sum(p.numel() * p.element_size() for p in dense.parameters())  # the weights; the rest is small
+    with staged_directory(out_dir, install, need_bytes=need) as staging:
         dense.save_pretrained(str(staging), safe_serialization=True)
         summary["tokenizer"] = _save_tokenizer(staging, dense.config, tokenizer, source, embedded_tokenizer)
         (staging / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
