@@ -47,14 +47,19 @@ _HELD: list[RunLock] = []  # a lock lives as long as its open file: kept here fo
 class RunLock:
     """The run folder's lock, held by this process until it exits (or `abandon` on a refused start)."""
 
-    def __init__(self, folder: Path, handle: IO[str], created_folder: bool, created_file: bool):
+    def __init__(self, folder: Path, handle: IO[str], created_folder: bool, created_file: bool, previous: str):
         self.folder, self.path, self._handle = folder, folder / LOCK_FILE, handle
-        self._created_folder, self._created_file = created_folder, created_file
+        self._created_folder, self._created_file, self._previous = created_folder, created_file, previous
 
     def abandon(self) -> None:
         """A start that was refused leaves nothing behind: the lock file and the folder, if it made them."""
         if self._created_file:
             self.path.unlink(missing_ok=True)
+        else:  # the last holder's line, as it was
+            self._handle.seek(0)
+            self._handle.truncate()
+            self._handle.write(self._previous)
+            self._handle.flush()
         if self._created_folder:
             try:
                 self.folder.rmdir()  # only if still empty
@@ -88,12 +93,14 @@ def acquire_run_lock(save_folder: str | None, run_name: str | None = None) -> Ru
             "and checkpoints: wait for it to end, stop it, or choose another save_folder"
         ) from None
     handle.seek(0)
+    previous = handle.read()
+    handle.seek(0)
     handle.truncate()
     started = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
     handle.write(json.dumps({"run_name": run_name, "pid": os.getpid(), "host": socket.gethostname(),
                              "started": started}) + "\n")  # fmt: skip
     handle.flush()
-    lock = RunLock(folder, handle, created_folder, created_file)
+    lock = RunLock(folder, handle, created_folder, created_file, previous)
     _HELD.append(lock)
     return lock
 

@@ -27,6 +27,7 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from drpruning.errors import ConfigError, report_error
 from drpruning.pruning.shapes import PRUNING_MODULES
 from drpruning.runs import (
     DATA_USAGE_FILE,
@@ -429,7 +430,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         readme = plot_run(args.run_dir, args.out)
-    except FileNotFoundError as error:
-        parser.error(str(error))
+    except (FileNotFoundError, ConfigError) as error:
+        return report_error(error, prog="plot_run")
     print(f"wrote {readme}")
     return 0

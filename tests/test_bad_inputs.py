@@ -216,3 +216,15 @@ def test_a_config_error_under_composer_is_one_line(own, tiny_assets, tmp_path):
     line = _one_error_line(result.stderr)
     assert line == "error: unknown policy 'doremi'; choose one of constant, sheared, dro, drpruning"
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(("typo", "message"), [
+    ("model.pretrainde=true", "model (drpruning_causal_lm): unknown key(s) 'pretrainde' (did you mean 'pretrained'?)"),
+    ("train_loader.data_dirr=x", "train_loader (domain_mixture): unknown key(s) 'data_dirr' (did you mean 'data_dir'?)"),
+    ("eval_loader.splt=eval", "domain_eval: unknown key(s) ['splt']"),
+])
+def test_a_misspelt_block_key_is_one_line_naming_it(own, tiny_assets, tmp_path, typo, message):
+    result = _train([*_short_run(tiny_assets, own["data"], tmp_path / "run"), typo])
+    assert result.returncode == 2
+    assert message in _one_error_line(result.stderr)
+    assert not (tmp_path / "run").exists()

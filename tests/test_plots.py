@@ -173,11 +173,10 @@ def test_continued_pretraining_without_schedule_or_masks(tmp_path):
     assert not (tmp_path / "plots" / "sparsity.png").exists()
 
 
-def test_a_missing_run_folder_is_a_usage_error(tmp_path, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main([str(tmp_path / "absent")])
-    assert exit_info.value.code == 2
-    assert "no run folder" in capsys.readouterr().err
+def test_a_missing_run_folder_is_one_error_line(tmp_path, capsys):
+    assert main([str(tmp_path / "absent")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("plot_run: error:") and "no run folder" in err[0]
 
 
 def test_eval_curve_values_come_from_the_metrics_file(full_run):
