@@ -125,8 +125,11 @@ def scratch_model(source: Path, out: Path) -> None:
 
 
 def run_label(policy: str, args: argparse.Namespace) -> str:
-    """The row / folder name: the policy, marked when its gates start from importance."""
-    return f"{policy}-importance" if args.init == "importance" and policy not in (SCRATCH, ONE_SHOT) else policy
+    """The row / folder name: the policy, marked when its gates start from importance, and with `--variant`."""
+    if policy in (SCRATCH, ONE_SHOT):
+        return policy
+    name = f"{policy}-importance" if args.init == "importance" else policy
+    return f"{name}-{args.variant}" if args.variant else name
 
 
 def run_policy(policy: str, seed: int, args: argparse.Namespace, source: Path, data: Path) -> None:
@@ -139,7 +142,8 @@ def run_policy(policy: str, seed: int, args: argparse.Namespace, source: Path, d
         *(f"model.l0_module.calibration.{key}={value}" for key, value in CALIBRATION.items())]
     stage(done / "prune", f"{name} seed {seed} prune", lambda: composer_train(
         PRUNE_YAML, source, prune, args.steps, policy, seed, args, data,
-        [f"model.l0_module.lagrangian_warmup={max(1, int(0.4 * args.steps))}ba", *init], base / "logs" / "prune.log"))
+        [f"model.l0_module.lagrangian_warmup={max(1, int(0.4 * args.steps))}ba", *init, *args.prune_override],
+        base / "logs" / "prune.log"))
     stage(done / "export", f"{name} seed {seed} export", lambda: run_logged(
         [sys.executable, "scripts/prune_to_dense.py", str(prune), str(pruned), "--overwrite"],
         base / "logs" / "export.log"))
@@ -334,6 +338,9 @@ def main() -> None:
     parser.add_argument("--init", choices=("uniform", "importance"), default="uniform",
                         help="how the pruning runs' gates start (l0_module.init)")
     parser.add_argument("--ranks", type=int, default=2)
+    parser.add_argument("--prune-override", action="append", default=[], metavar="KEY=VALUE",
+                        help="a yaml override for the pruning runs (repeatable), e.g. model.l0_module.freeze_masks_at=80ba")
+    parser.add_argument("--variant", help="a name for the pruning runs made with --prune-override (row and folder)")
     parser.add_argument("--report-only", action="store_true", help="tabulate the runs that have finished")
     args = parser.parse_args()
     args.out = args.out.resolve()

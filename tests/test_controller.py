@@ -70,3 +70,24 @@ def test_tiny_recipe_tracks_its_target_at_100_steps(tiny_assets, tmp_path):
     assert steps[-1][PRUNING_METRICS_PREFIX + "expected_params"] == pytest.approx(target_params, rel=0.03)
     assert evals[-1]["step"] == 100
     assert evals[-1][EVAL_MASKS_PARAMS_KEY] == pytest.approx(target_params, rel=0.03)
+
+
+def test_frozen_masks_train_exactly_the_export():
+    l0 = L0Module(SHAPE, TARGET, lagrangian_warmup=4, freeze_masks_at=6, init_lambda_2=10.0)
+    with torch.no_grad():
+        for gates in l0.gates.values():
+            gates.copy_(torch.randn(gates.shape, generator=torch.Generator().manual_seed(1)) * 3)
+    l0.train_step = 5
+    masks, lagrangian, _ = l0()
+    assert float(lagrangian) != 0.0 and not l0.masks_frozen(5)
+    assert any(((m > 0) & (m < 1)).any() for m in masks.values())  # sampled, soft gates
+    l0.train_step = 6
+    masks, lagrangian, _ = l0()
+    target = l0.target_masks()
+    assert all(torch.equal(masks[m], target[m]) for m in target) and float(lagrangian) == 0.0
+    lagrangian.backward()  # still a function of every parameter (DDP must see them used)
+    assert all(p.grad is not None and float(p.grad.abs().sum()) == 0.0 for p in l0.parameters())
+    l0.eval()
+    assert all(torch.equal(m, target[k]) for k, m in l0()[0].items())  # evals score the export too
+    with pytest.raises(ShapeError, match="freeze_masks_at=3"):
+        L0Module(SHAPE, TARGET, lagrangian_warmup=4, freeze_masks_at=3)

@@ -68,6 +68,7 @@ class PruningCallback(Callback):
     def __init__(self, save_masks: bool = True):
         self.save_masks = save_masks
         self.metadata: dict[str, Any] = {}
+        self._l0_groups: list[int] = []  # optimizer param groups of gates and multipliers (group order survives wrapping)
 
     def _l0(self, state: State):
         model = unwrap_model(state.model)
@@ -90,7 +91,7 @@ class PruningCallback(Callback):
         }
         # Checked before DDP/FSDP wrapping, while optimizer params are still the model's own objects.
         if state.optimizers:
-            check_optimizer_groups(model, state.optimizers[0])
+            self._l0_groups = check_optimizer_groups(model, state.optimizers[0])
         if l0.init == "importance":
             self._order_gates(state, model, l0)
 
@@ -127,7 +128,12 @@ class PruningCallback(Callback):
             write_json(run_folder(state) / MASKS_DIR / MASKS_META_FILE, self.metadata)
 
     def batch_start(self, state: State, logger: Logger) -> None:
-        self._l0(state)[1].train_step = int(state.timestamp.batch)
+        l0 = self._l0(state)[1]
+        l0.train_step = int(state.timestamp.batch)
+        if l0.masks_frozen(l0.train_step) and state.optimizers:
+            # The LR scheduler recomputes every group's lr after each step; this runs after it, before the next.
+            for index in self._l0_groups:
+                state.optimizers[0].param_groups[index]["lr"] = 0.0
 
     def after_train_batch(self, state: State, logger: Logger) -> None:
         """The statistics of this step's forward, logged once per batch (after every microbatch, before the
@@ -178,11 +184,13 @@ class PruningCallback(Callback):
             )
 
 
-def check_optimizer_groups(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Multipliers must be trained by ascent in groups of their own; masks should not share the model's lr."""
+def check_optimizer_groups(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[int]:
+    """Multipliers must be trained by ascent in groups of their own; masks should not share the model's lr.
+
+    Returns the indices of the groups that hold only L0 parameters (gates, multipliers)."""
     names = {id(p): n for n, p in model.named_parameters()}
-    lambda_groups, gate_lrs, base_lr = [], [], None
-    for group in optimizer.param_groups:
+    lambda_groups, gate_lrs, base_lr, l0_groups = [], [], None, []
+    for index, group in enumerate(optimizer.param_groups):
         lr = group.get("initial_lr", group["lr"])
         group_names = [names.get(id(p), "") for p in group["params"]]
         is_lambda = ["l0_module.lambda_" in n for n in group_names]
@@ -198,6 +206,8 @@ def check_optimizer_groups(model: torch.nn.Module, optimizer: torch.optim.Optimi
             gate_lrs.append(lr)
         if any("l0_module." not in n for n in group_names):
             base_lr = lr if base_lr is None else base_lr
+        elif group_names:
+            l0_groups.append(index)
     if not lambda_groups:
         raise ConfigError("no optimizer param group holds the Lagrange multipliers. Use:\n" + OPTIMIZER_HELP)
     if base_lr is not None and any(lr == base_lr for lr in gate_lrs):
@@ -206,3 +216,4 @@ def check_optimizer_groups(model: torch.nn.Module, optimizer: torch.optim.Optimi
             + OPTIMIZER_HELP,
             stacklevel=2,
         )
+    return l0_groups

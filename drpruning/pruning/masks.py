@@ -86,6 +86,7 @@ class L0Module(nn.Module):
         init_band: float = IMPORTANCE_BAND,
         init_lambda_1: float = 0.0,
         init_lambda_2: float = 0.0,
+        freeze_masks_at: int | None = None,
     ):
         super().__init__()
         self.source = source
@@ -117,6 +118,15 @@ class L0Module(nn.Module):
             raise ShapeError(f"init_lambda_2={init_lambda_2} must be >= 0: a negative quadratic term rewards "
                              "leaving the target")
         self.init_lambda_1, self.init_lambda_2 = float(init_lambda_1), float(init_lambda_2)
+        if freeze_masks_at is not None and (isinstance(freeze_masks_at, bool) or not isinstance(freeze_masks_at, int)
+                                            or freeze_masks_at < lagrangian_warmup):  # fmt: skip
+            raise ShapeError(f"freeze_masks_at={freeze_masks_at!r} must be a number of batches at or after the end of "
+                             f"lagrangian_warmup ({lagrangian_warmup}): the target must be reached before the units "
+                             "are fixed")  # fmt: skip
+        # From this batch on, training uses the export's units (target masks, hard 0/1) and the gates and
+        # multipliers stop moving (the `pruning` callback sets their lr to 0): the last steps train exactly
+        # the model that is exported.
+        self.freeze_masks_at = freeze_masks_at
 
         sizes, target_sizes = module_sizes(source), module_sizes(self.target)
         rows = {"layer": (), "head": (source.n_layers,), "intermediate": (source.n_layers,), "hidden": ()}
@@ -169,7 +179,8 @@ class L0Module(nn.Module):
         if not self.training:
             # Cached here, where FSDP has gathered the gates: the pruning callback dumps them after evals.
             self.last_target_masks = self.target_masks()
-            masks = self.last_target_masks if self.eval_masks == "target" else self.current_masks()
+            use_target = self.eval_masks == "target" or self.masks_frozen(self.train_step)  # frozen: score the export
+            masks = self.last_target_masks if use_target else self.current_masks()
             return masks, None, {}
         if self.train_step is None:
             raise RuntimeError(
@@ -178,6 +189,8 @@ class L0Module(nn.Module):
             )
         generator = self._noise_generator(next(iter(self.gates.values())).device)
         masks = {m: sample_gates(log_alpha, generator) for m, log_alpha in self.gates.items()}
+        if self.masks_frozen(self.train_step):
+            masks = self.target_masks()
         scores = self.scores()
         targets = self.target_sparsity(self.train_step)
         lagrangian = torch.zeros((), device=masks[self.pruning_modules[0]].device)
@@ -191,7 +204,15 @@ class L0Module(nn.Module):
             stats[f"lambda_1/{m}"] = self.lambda_1[m].detach().reshape(())
             stats[f"lambda_2/{m}"] = self.lambda_2[m].detach().reshape(())
         stats["expected_params"] = self.expected_params({m: s.detach() for m, s in scores.items()})
+        if self.masks_frozen(self.train_step):
+            # The units are fixed: no constraint to enforce. Zero, but still a function of every gate and
+            # multiplier, so DDP sees all of them used (their updates are stopped by lr 0, not by a None grad).
+            lagrangian = lagrangian * 0.0
         return masks, lagrangian, stats
+
+    def masks_frozen(self, step: int | None) -> bool:
+        """True once training uses the export's units (`freeze_masks_at`)."""
+        return self.freeze_masks_at is not None and step is not None and step >= self.freeze_masks_at
 
     def _noise_generator(self, device: torch.device) -> torch.Generator:
         if self.train_step != self._noise_step:
@@ -284,6 +305,7 @@ class L0Module(nn.Module):
             "init": self.init,
             "init_lambda_1": self.init_lambda_1,
             "init_lambda_2": self.init_lambda_2,
+            "freeze_masks_at": self.freeze_masks_at,
             "source_params": self.source.num_params(),
             "target_params": self.target.num_params(),
         }

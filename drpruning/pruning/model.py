@@ -70,7 +70,7 @@ class DomainStats:
 
 
 L0_MODULE_KEYS = ("target", "pruning_modules", "lagrangian_warmup", "init_log_alpha", "eval_masks", "init",
-                  "init_band", "calibration", "init_lambda_1", "init_lambda_2")
+                  "init_band", "calibration", "init_lambda_1", "init_lambda_2", "freeze_masks_at")
 
 
 def batches(value: Any, name: str) -> int:
@@ -99,8 +99,9 @@ def l0_module_options(block: Mapping[str, Any]) -> tuple[dict[str, Any], Calibra
     elif block.get("calibration") is not None:
         raise ConfigError("l0_module.calibration is only read with l0_module.init: importance")
     options = {key: value for key, value in block.items() if key != "calibration"}
-    if "lagrangian_warmup" in options:
-        options["lagrangian_warmup"] = batches(options["lagrangian_warmup"], "lagrangian_warmup")
+    for key in ("lagrangian_warmup", "freeze_masks_at"):
+        if options.get(key) is not None:
+            options[key] = batches(options[key], key)
     return options, calibration
 
 
@@ -138,6 +139,8 @@ class DRPruningCausalLM(ComposerHFCausalLM):
             init_lambda_1, init_lambda_2: the Lagrange multipliers' starting values (default 0 and 0, the
                 paper). A stiff start, `init_lambda_2: 3000`, keeps the expected sparsity on its scheduled
                 target when the run is short (`drpruning/pruning/masks.py` says why).
+            freeze_masks_at: batches (`'80ba'`); from then on training uses exactly the export's units and
+                the gates and multipliers stop (default: never, the paper).
             calibration: where the importance pass reads its sequences (`CalibrationConfig`).
     """
 
