@@ -127,6 +127,13 @@ def replace_directory(staging: Path, out_dir: Path) -> None:
     shutil.rmtree(retired, ignore_errors=True)
 
 
+def preflight(out_dir: str | Path) -> None:
+    """Fail now, in one line, if `out_dir` cannot be written: before work that takes minutes (loading and
+    folding a model, a calibration pass), not after it."""
+    with staged_directory(out_dir, install=lambda staging, out: None):
+        pass
+
+
 @contextmanager
 def staged_directory(
     out_dir: str | Path, install: Callable[[Path, Path], None] = replace_directory, *, need_bytes: int = 0

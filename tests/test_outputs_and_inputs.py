@@ -171,3 +171,13 @@ def test_long_documents_are_tokenized_in_pieces_with_the_same_tokens(tokenizer, 
     _prepare(tokenizer, source, tmp_path / "pieces")
     assert calls == [500]
     np.testing.assert_array_equal(_tokens(tmp_path / "whole"), _tokens(tmp_path / "pieces"))
+
+
+def test_export_checks_its_output_before_loading_anything(tmp_path, capsys):
+    from drpruning.export.convert import main as prune_to_dense_main
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    assert prune_to_dense_main([str(tmp_path / "no-such-run"), str(blocker / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: cannot write {blocker / 'out'}"), err
