@@ -62,9 +62,17 @@ _BLOCKS: dict[tuple[str, str], Callable[[], set[str]]] = {
 
 
 def check_drpruning_blocks(cfg: dict[str, Any]) -> dict[str, Any]:
-    """Refuse unknown keys in the drpruning builders' blocks; returns `cfg` unchanged."""
+    """Refuse unknown keys in the drpruning builders' blocks, and `hf_checkpointer` in a pruning run;
+    returns `cfg` unchanged."""
     for (section, name), keys in _BLOCKS.items():
         block = cfg.get(section)
         if isinstance(block, dict) and block.get("name") == name:
             check_keys(block, keys(), f"{section} ({name})")
+    model, callbacks = cfg.get("model"), cfg.get("callbacks")
+    pruning = isinstance(model, dict) and model.get("name") == "drpruning_causal_lm" and model.get("l0_module")
+    if pruning and isinstance(callbacks, dict) and "hf_checkpointer" in callbacks:
+        raise ConfigError("callbacks.hf_checkpointer in a pruning run would save the unpruned source model (it "
+                          "knows nothing of the masks); remove it and export the pruned model with "
+                          "`python scripts/prune_to_dense.py RUN_FOLDER OUT_DIR` (continued-pretraining runs may "
+                          "keep it)")  # fmt: skip
     return cfg

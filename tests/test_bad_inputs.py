@@ -19,6 +19,7 @@ from transformers import AutoTokenizer
 from drpruning.data.manifest import load_manifest
 from drpruning.data.prepare import main as prepare_data_main
 from drpruning.demo.tiny import make_tiny_tokenizer, tiny_documents
+from drpruning.errors import ConfigError
 from drpruning.evaluation import main as eval_domains_main
 from drpruning.export.convert import main as prune_to_dense_main
 from tests.helpers import REPO
@@ -228,3 +229,14 @@ def test_a_misspelt_block_key_is_one_line_naming_it(own, tiny_assets, tmp_path, 
     assert result.returncode == 2
     assert message in _one_error_line(result.stderr)
     assert not (tmp_path / "run").exists()
+
+
+def test_hf_checkpointer_is_refused_in_pruning_runs_only():
+    from drpruning.config_checks import check_drpruning_blocks
+
+    pruning = {"model": {"name": "drpruning_causal_lm", "l0_module": {"target": {}}},
+               "callbacks": {"pruning": {}, "hf_checkpointer": {"save_folder": "x"}}}  # fmt: skip
+    with pytest.raises(ConfigError, match="hf_checkpointer in a pruning run .* scripts/prune_to_dense.py"):
+        check_drpruning_blocks(pruning)
+    continued = {"model": {"name": "drpruning_causal_lm"}, "callbacks": {"hf_checkpointer": {"save_folder": "x"}}}
+    assert check_drpruning_blocks(continued) is continued
