@@ -7,6 +7,7 @@ shape; without one it is a plain causal LM (continued pretraining) that still re
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,6 +19,13 @@ from transformers import PreTrainedTokenizerBase
 
 from drpruning.errors import ConfigError, ShapeError
 from drpruning.pruning.calibration import CalibrationConfig, check_calibration_tokenizer
+from drpruning.pruning.distillation import (
+    SOURCE_TEACHER,
+    DistillationConfig,
+    check_teacher_fits,
+    teacher_logits,
+    token_kl,
+)
 from drpruning.pruning.masks import L0Module
 from drpruning.pruning.prunable import make_prunable
 from drpruning.pruning.shapes import ModelShape
@@ -142,16 +150,22 @@ class DRPruningCausalLM(ComposerHFCausalLM):
             freeze_masks_at: batches (`'80ba'`); from then on training uses exactly the export's units and
                 the gates and multipliers stop (default: never, the paper).
             calibration: where the importance pass reads its sequences (`CalibrationConfig`).
+        distillation: optional `{teacher: source | DIR, weight: w, temperature: T}`: the training loss becomes
+            (1 - w) CE + w T^2 KL(teacher || student) (`drpruning/pruning/distillation.py`).
     """
+
+    TEACHER_PREFIX = "teacher."
 
     def __init__(
         self,
         tokenizer: PreTrainedTokenizerBase,
         pretrained_model_name_or_path: str,
         l0_module: Mapping[str, Any] | None = None,
+        distillation: Mapping[str, Any] | None = None,
         **kwargs: Any,
     ):
         options, calibration = (None, None) if l0_module is None else l0_module_options(l0_module)
+        self.distillation = DistillationConfig.from_dict(distillation)
         if calibration is not None and tokenizer is not None:
             check_calibration_tokenizer(calibration, tokenizer)
         super().__init__(tokenizer=tokenizer, pretrained_model_name_or_path=pretrained_model_name_or_path, **kwargs)
@@ -168,6 +182,59 @@ class DRPruningCausalLM(ComposerHFCausalLM):
         if options is not None:
             self.l0_module = L0Module(self.shape, **options)
             self.mask_state = make_prunable(self.model, self.shape)
+        self.distill_stats = DomainStats()
+        self._teacher_logits: Tensor | None = None
+        if self.distillation is not None:
+            self.teacher = self._build_teacher(pretrained_model_name_or_path, tokenizer, kwargs.get("init_device", "cpu"))
+
+    def _build_teacher(self, source: str, tokenizer: PreTrainedTokenizerBase | None, init_device: str) -> Any:
+        """The frozen teacher: the source's weights (`teacher: source`) or another HF folder, checked to
+        predict over the student's tokens, wrapped for FSDP like the student, never trained."""
+        from llmfoundry.models.hf.hf_fsdp import prepare_hf_model_for_fsdp
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        assert self.distillation is not None
+        folder = source if self.distillation.teacher == SOURCE_TEACHER else self.distillation.teacher
+        if not Path(folder).is_dir():
+            raise ConfigError(f"model.distillation.teacher {folder} is not a local Hugging Face folder")
+        config = AutoConfig.from_pretrained(folder)
+        teacher_vocab = None
+        if self.distillation.teacher != SOURCE_TEACHER and tokenizer is not None:
+            try:
+                teacher_vocab = AutoTokenizer.from_pretrained(folder).get_vocab()
+            except (OSError, ValueError):
+                teacher_vocab = None  # a folder without tokenizer files: the vocabulary size is still checked
+        check_teacher_fits(config, self.model.config, teacher_vocab,
+                           None if tokenizer is None else tokenizer.get_vocab(), folder)  # fmt: skip
+        teacher = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32)
+        teacher.requires_grad_(False)
+        teacher.eval()
+        prepare_hf_model_for_fsdp(teacher, init_device)
+        teacher._fsdp_wrap = True  # its own FSDP unit: only frozen parameters in it
+        return teacher
+
+    def train(self, mode: bool = True) -> DRPruningCausalLM:
+        super().train(mode)
+        if "teacher" in self._modules:
+            self.teacher.eval()  # the teacher always predicts in eval mode (no dropout)
+        return self
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """Without the teacher: it is rebuilt from its folder, never written into a checkpoint."""
+        state = super().state_dict(*args, **kwargs)
+        prefix = kwargs.get("prefix", args[1] if len(args) > 1 else "") + self.TEACHER_PREFIX
+        for key in [k for k in state if k.startswith(prefix)]:
+            del state[key]
+        return state
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        """A checkpoint holds no teacher: its keys are the only ones allowed to be missing."""
+        result = super().load_state_dict(state_dict, strict=False, assign=assign)
+        missing = [k for k in result.missing_keys if not k.startswith(self.TEACHER_PREFIX)]
+        if strict and (missing or result.unexpected_keys):
+            raise RuntimeError(f"Error(s) in loading state_dict for {type(self).__name__}: missing keys {missing}, "
+                               f"unexpected keys {result.unexpected_keys}")  # fmt: skip
+        return result
 
     def forward(self, batch: Mapping[str, Any]) -> Any:
         if self.l0_module is not None and not self.training and self.evaluate_source:
@@ -182,6 +249,8 @@ class DRPruningCausalLM(ComposerHFCausalLM):
                 self.last_eval_masks = masks
         # Labels are left out: `loss` computes token-level CE once, for the mean and the per-domain sums.
         inputs = {k: v for k, v in batch.items() if k in self.model_forward_args and k != "labels"}
+        if self.distillation is not None and self.training:
+            self._teacher_logits = teacher_logits(self.teacher, inputs)
         return self.model(**inputs, use_cache=False)
 
     def loss(self, outputs: Any, batch: Mapping[str, Any]) -> dict[str, Tensor]:
@@ -195,8 +264,17 @@ class DRPruningCausalLM(ComposerHFCausalLM):
         if "domain" in batch:
             self.domain_stats.add(batch["domain"], token_loss.detach(), token_mask)
         losses = {"total": lm_loss, "lm_loss": lm_loss.detach()}
+        if self.distillation is not None and self._teacher_logits is not None:
+            teacher, self._teacher_logits = self._teacher_logits, None
+            weight, temperature = self.distillation.weight, self.distillation.temperature
+            token_distill = token_kl(logits[:, :-1], teacher[:, :-1], temperature) * temperature**2
+            distill = (token_distill * token_mask).sum() / token_mask.sum().clamp(min=1)
+            if "domain" in batch:
+                self.distill_stats.add(batch["domain"], token_distill.detach(), token_mask)
+            losses["total"] = (1.0 - weight) * lm_loss + weight * distill
+            losses["distill_loss"] = distill.detach()
         if self._lagrangian is not None:
-            losses["total"] = lm_loss + self._lagrangian
+            losses["total"] = losses["total"] + self._lagrangian
             losses["lagrangian_loss"] = self._lagrangian.detach()
         return losses
 

@@ -56,3 +56,12 @@ class DomainStatsModel(Protocol):
         forward: `expected_params`, `target_params`, `source_params` and, per pruning module m,
         `expected_sparsity/m`, `target_sparsity/m`, `lambda_1/m`, `lambda_2/m`."""
         ...
+
+
+@runtime_checkable
+class DistillingModel(Protocol):
+    """A model trained with a distillation term (`model.distillation`): the scheduler logs its per-domain
+    training distillation loss beside the LM losses it schedules on (it never schedules on it)."""
+
+    distill_stats: DomainStatsTaker
+    distillation: object | None

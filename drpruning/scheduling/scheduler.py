@@ -36,7 +36,7 @@ from drpruning.runs import (
     unwrap_model,
     write_json,
 )
-from drpruning.scheduling.contracts import DomainStatsModel, MixtureDataset
+from drpruning.scheduling.contracts import DistillingModel, DomainStatsModel, MixtureDataset
 from drpruning.scheduling.policies import Observation, Policy, PolicySettings, make_policy
 
 log = logging.getLogger(__name__)
@@ -219,6 +219,7 @@ class DataScheduler(Callback):
         batch = int(state.timestamp.batch)
         loss_sums, token_counts = self._take_domain_stats(state)
         self.tokens = self.tokens + token_counts
+        self._log_distillation(state, logger)
         if self.loss_source != "train_ema":
             return
         self._update_ema(loss_sums, token_counts, batch)
@@ -268,6 +269,18 @@ class DataScheduler(Callback):
         dist.all_reduce(stacked, reduce_operation="SUM")
         stacked = stacked.cpu().numpy()
         return stacked[0], stacked[1]
+
+    def _log_distillation(self, state: State, logger: Logger) -> None:
+        """Per-domain training distillation loss of this batch (`model.distillation`), beside the LM losses."""
+        model = _model(state)
+        if not isinstance(model, DistillingModel) or model.distillation is None:
+            return
+        sums, counts = model.distill_stats.take(len(self.domains))
+        stacked = torch.stack([sums.to(torch.float64), counts.to(torch.float64)])
+        dist.all_reduce(stacked, reduce_operation="SUM")
+        sums, counts = stacked.cpu().numpy()
+        logger.log_metrics({f"{DATA_METRICS_PREFIX}{domain}/train_distill_loss": float(total / count)
+                            for domain, total, count in zip(self.domains, sums, counts, strict=True) if count > 0})
 
     def _update_ema(self, loss_sums: np.ndarray, token_counts: np.ndarray, batch: int) -> None:
         """EMA over the domains that had tokens this batch; the others keep their value."""
