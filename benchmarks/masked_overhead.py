@@ -7,6 +7,10 @@ noise hits both alike; the figure of merit is the ratio of medians.
 
     .venv/bin/python benchmarks/masked_overhead.py                 # CPU fp32, ~100M-parameter Llama shape
     .venv/bin/python benchmarks/masked_overhead.py --device cuda   # bf16 autocast on a GPU
+    .venv/bin/python benchmarks/masked_overhead.py --pair masked distill   # the cost of a distillation teacher
+
+`distill` is the masked model with `distillation: {teacher: source, weight: 0.5, temperature: 2.0}`: one
+more forward (no graph) of the source model per step, and the teacher's weights held beside the student's.
 Peak memory: on CUDA, max_memory_allocated per model (each measured alone); on CPU, peak RSS of a fresh
 subprocess per model (`--memory-only stock|masked`).
 """
@@ -29,6 +33,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from drpruning.demo.tiny import make_tiny_tokenizer
 
+KINDS = ("stock", "masked", "distill")
 SHAPE = dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
              num_key_value_heads=4, head_dim=64, vocab_size=32000, max_position_embeddings=2048)
 TARGET = {"n_layers": 9, "hidden_size": 512, "n_heads": 6, "n_kv_heads": 2, "intermediate_size": 1024}
@@ -46,11 +51,14 @@ def build(kind: str, model_dir: Path, tokenizer_dir: Path, device: str):
     if kind == "stock":
         model = ComposerHFCausalLM(**common)
     else:
-        model = DRPruningCausalLM(**common, l0_module={"target": TARGET, "lagrangian_warmup": 100})
+        distillation = {"teacher": "source", "weight": 0.5, "temperature": 2.0} if kind == "distill" else None
+        model = DRPruningCausalLM(**common, l0_module={"target": TARGET, "lagrangian_warmup": 100},
+                                  distillation=distillation)  # fmt: skip
         model.l0_module.train_step = 10
     model = model.to(device).train()
-    groups = [{"params": [p for n, p in model.named_parameters() if "l0_module" not in n], "lr": 1e-4}]
-    if kind == "masked":
+    groups = [{"params": [p for n, p in model.named_parameters() if "l0_module" not in n and p.requires_grad],
+               "lr": 1e-4}]  # fmt: skip
+    if kind != "stock":
         groups += [{"params": list(model.l0_module.gates.parameters()), "lr": 1.0},
                    {"params": list(model.l0_module.lambda_1.parameters()) + list(model.l0_module.lambda_2.parameters()),
                     "lr": -1.0}]
@@ -95,7 +103,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--memory-only", choices=["stock", "masked"])
+    parser.add_argument("--memory-only", choices=KINDS)
+    parser.add_argument("--pair", nargs=2, choices=KINDS, default=["stock", "masked"], metavar=("BASE", "OTHER"),
+                        help="the two models compared; ratios are OTHER / BASE")
     parser.add_argument("--root", type=Path)
     args = parser.parse_args()
 
@@ -115,25 +125,27 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         model_dir, tokenizer_dir = prepare(root)
-        models = {kind: build(kind, model_dir, tokenizer_dir, args.device) for kind in ("stock", "masked")}
-        params = sum(p.numel() for n, p in models["stock"][0].named_parameters())
+        base, other = args.pair
+        models = {kind: build(kind, model_dir, tokenizer_dir, args.device) for kind in (base, other)}
+        params = sum(p.numel() for n, p in models[base][0].model.named_parameters())
         batch = make_batch(args.batch_size, args.seq_len, args.device)
-        times: dict[str, list[float]] = {"stock": [], "masked": []}
+        times: dict[str, list[float]] = {base: [], other: []}
         for index in range(args.steps + 1):
-            for kind in (("stock", "masked") if index % 2 == 0 else ("masked", "stock")):
+            for kind in ((base, other) if index % 2 == 0 else (other, base)):
                 start = time.perf_counter()
                 step(*models[kind], batch, args.device)
                 if index > 0:  # the first round warms up allocators and kernels
                     times[kind].append(time.perf_counter() - start)
         del models
-        memory = {kind: peak_rss_mib(kind, args, root) for kind in ("stock", "masked")}
-    stock, masked = statistics.median(times["stock"]), statistics.median(times["masked"])
+        memory = {kind: peak_rss_mib(kind, args, root) for kind in (base, other)}
+    stock, masked = statistics.median(times[base]), statistics.median(times[other])
     report = {
         "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
         "precision": "bf16 autocast" if args.device == "cuda" else "fp32",
         "params": params, "batch": f"{args.batch_size}x{args.seq_len}", "steps": args.steps,
+        "ratios": f"{other} / {base}",
         "step_time_ratio": round(masked / stock, 3),
-        "peak_memory_ratio": round(memory["masked"] / memory["stock"], 3),
+        "peak_memory_ratio": round(memory[other] / memory[base], 3),
         "tokens_per_s_ratio": round(stock / masked, 3),
     }
     print(json.dumps(report, indent=2))

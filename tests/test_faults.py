@@ -126,12 +126,17 @@ def _differing_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -
     return [name for name in a if not torch.equal(a[name], b[name])]
 
 
-def test_kill_9_then_autoresume_matches_an_uninterrupted_run(tiny_assets, tmp_path):
+DISTILL = "model.distillation={teacher: source, weight: 0.5, temperature: 2.0}"
+
+
+@pytest.mark.parametrize("extra", [[], [DISTILL]], ids=["plain", "distillation"])
+def test_kill_9_then_autoresume_matches_an_uninterrupted_run(tiny_assets, tmp_path, extra):
+    """With distillation too: the teacher is rebuilt from the source on resume, never read from a checkpoint."""
     resumed, full = tmp_path / "resumed", tmp_path / "full"
     log = tmp_path / "killed.log"
     command = [str(COMPOSER), "-n", "2", "--stdout", str(tmp_path / "rank{rank}.stdout.txt"),
                "--stderr", str(tmp_path / "rank{rank}.stderr.txt"), "scripts/train.py", YAML,
-               *_resumable(tiny_assets, resumed)]
+               *_resumable(tiny_assets, resumed), *extra]
     with log.open("w") as handle:
         launcher = subprocess.Popen(command, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT,
                                     start_new_session=True)
@@ -146,10 +151,10 @@ def test_kill_9_then_autoresume_matches_an_uninterrupted_run(tiny_assets, tmp_pa
     kept_masks = resumed / "masks" / f"ba{restart_step}.pt"
     kept_mtime = kept_masks.stat().st_mtime_ns
 
-    run_training(YAML, _resumable(tiny_assets, resumed))
+    run_training(YAML, [*_resumable(tiny_assets, resumed), *extra])
     # A run restarted from batch 0 would rewrite every mask file; a resumed one leaves those up to its checkpoint.
     assert kept_masks.stat().st_mtime_ns == kept_mtime, f"the rerun did not resume from ba{restart_step}"
-    run_training(YAML, _resumable(tiny_assets, full))
+    run_training(YAML, [*_resumable(tiny_assets, full), *extra])
 
     # Every comparison is made before failing, so one run tells which artefacts diverge and from where.
     problems = _divergences(resumed, full)
