@@ -127,10 +127,10 @@ def replace_directory(staging: Path, out_dir: Path) -> None:
     shutil.rmtree(retired, ignore_errors=True)
 
 
-def preflight(out_dir: str | Path) -> None:
-    """Fail now, in one line, if `out_dir` cannot be written: before work that takes minutes (loading and
-    folding a model, a calibration pass), not after it."""
-    with staged_directory(out_dir, install=lambda staging, out: None):
+def preflight(out_dir: str | Path, need_bytes: int = 0) -> None:
+    """Fail now, in one line, if `out_dir` cannot be written or lacks `need_bytes` of free space: before work
+    that takes minutes (loading and folding a model, a calibration pass), not after it."""
+    with staged_directory(out_dir, install=lambda staging, out: None, need_bytes=need_bytes):
         pass
 
 

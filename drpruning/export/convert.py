@@ -14,6 +14,7 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
+from drpruning.atomic import preflight
 from drpruning.errors import ConfigError, ExportError, report_error
 from drpruning.export.checkpoint import load_pruning_checkpoint
 from drpruning.export.dense import dense_export
@@ -36,7 +37,8 @@ def export_run(
     """
     out_dir = Path(out_dir)
     check_out_dir(out_dir, overwrite, Path(checkpoint_or_run_dir))
-    loaded = load_pruning_checkpoint(checkpoint_or_run_dir)
+    loaded = load_pruning_checkpoint(checkpoint_or_run_dir)  # memory-mapped: the folding below is the long part
+    preflight(out_dir, need_bytes=loaded.l0_module.target.num_params() * 4)  # fp32 weights
     dense, summary = dense_export(loaded.model, loaded.l0_module, source=loaded.source, step=loaded.step,
                                   verify=verify, num_verify_sequences=num_verify_sequences)  # fmt: skip
     summary["checkpoint"] = str(loaded.path)

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM
 
+from drpruning.atomic import preflight
 from drpruning.errors import ConfigError, ExportError, ShapeError, report_error
 from drpruning.export.dense import dense_export
 from drpruning.export.write import check_out_dir, save_export
@@ -52,6 +53,7 @@ def one_shot_prune(
     model = AutoModelForCausalLM.from_pretrained(str(source), torch_dtype=torch.float32).eval()
     l0_module = L0Module(ModelShape.from_hf_config(model.config), target, pruning_modules, init="importance",
                          init_band=IMPORTANCE_BAND)  # fmt: skip
+    preflight(out_dir, need_bytes=l0_module.target.num_params() * 4)  # before the calibration pass
     importance = calibrate(model, calibration, source=str(source))
     l0_module.order_gates_(importance.scores)
     dense, summary = dense_export(model, l0_module, source=str(source), step=0, verify=verify,
