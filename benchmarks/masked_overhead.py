@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -110,6 +109,9 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.memory_only:
+        # ru_maxrss survives fork + exec, so a child of a parent that held both models would report the
+        # parent's peak: reset the high-water mark and read VmHWM instead.
+        Path("/proc/self/clear_refs").write_text("5")
         model, optimizer = build(args.memory_only, args.root / "model", args.root / "tokenizer", args.device)
         batch = make_batch(args.batch_size, args.seq_len, args.device)
         if args.device == "cuda":
@@ -119,7 +121,8 @@ def main() -> None:
         if args.device == "cuda":
             print(torch.cuda.max_memory_allocated() / 2**20)
         else:
-            print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+            status = Path("/proc/self/status").read_text().splitlines()
+            print(next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024)
         return
 
     with tempfile.TemporaryDirectory() as tmp:
