@@ -37,6 +37,7 @@ def export_run(
     """
     out_dir = Path(out_dir)
     check_out_dir(out_dir, overwrite, Path(checkpoint_or_run_dir))
+    preflight(out_dir)  # writable, before anything is loaded
     loaded = load_pruning_checkpoint(checkpoint_or_run_dir)  # memory-mapped: the folding below is the long part
     preflight(out_dir, need_bytes=loaded.l0_module.target.num_params() * 4)  # fp32 weights
     dense, summary = dense_export(loaded.model, loaded.l0_module, source=loaded.source, step=loaded.step,

@@ -48,6 +48,7 @@ def one_shot_prune(
     """Prune the HF model in `source` to `target` by importance and write it to `out_dir`; returns `out_dir`."""
     out_dir = Path(out_dir)
     check_out_dir(out_dir, overwrite, Path(source))
+    preflight(out_dir)  # writable, before the model is loaded
     if not (Path(source) / "config.json").is_file():
         raise ExportError(f"{source} is not a Hugging Face model folder (no config.json)")
     model = AutoModelForCausalLM.from_pretrained(str(source), torch_dtype=torch.float32).eval()

@@ -16,7 +16,7 @@ from typing import Any
 from composer.models.huggingface import HuggingFaceModel
 from transformers import AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from drpruning.atomic import is_scratch_name, preflight, replace_directory, staged_directory
+from drpruning.atomic import is_scratch_name, replace_directory, staged_directory
 from drpruning.errors import ExportError
 
 SUMMARY_FILE = "pruning.json"
@@ -31,9 +31,7 @@ _EXPORT_FILE = re.compile(
 
 def check_out_dir(out_dir: Path, overwrite: bool, source: Path) -> None:
     """Refuse an OUT_DIR that would destroy something: the input (or a folder around or inside it), or,
-    with `overwrite`, anything but a previous export (recognised by its pruning.json and export files only),
-    or one that cannot be written (checked before the model is loaded)."""
-    preflight(out_dir)
+    with `overwrite`, anything but a previous export (recognised by its pruning.json and export files only)."""
     out, source = out_dir.resolve(), source.resolve()
     if out == source or source in out.parents:
         where = "is" if out == source else "lies inside"
