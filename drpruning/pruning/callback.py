@@ -4,6 +4,8 @@ and the size of the model each eval scored, and dumps the target-shape masks (th
 at that step would keep).
 With `l0_module.init: importance` it also orders the gates by a calibration pass at Event.INIT, before
 DDP/FSDP wrapping and before a checkpoint is loaded (so a resumed run's checkpointed gates win).
+The L0 module stays out of FSDP (fp32 gate maths under bf16); what that takes, replication, gradient
+averaging and its own clipping norm, is `drpruning/pruning/l0_training.py`.
 
 Registered in LLM-Foundry as `pruning`; a pruning yaml lists it as `callbacks: {pruning: {}}`.
 """
@@ -20,6 +22,7 @@ from composer.utils import dist
 
 from drpruning.errors import ConfigError
 from drpruning.pruning.importance import Importance, importance_for_run, write_importance
+from drpruning.pruning.l0_training import average_gradients_, replicate_, split_gradient_clipping_
 from drpruning.pruning.masks import L0Module
 from drpruning.pruning.shapes import module_sizes
 from drpruning.runs import (
@@ -69,6 +72,7 @@ class PruningCallback(Callback):
         self.save_masks = save_masks
         self.metadata: dict[str, Any] = {}
         self._l0_groups: list[int] = []  # optimizer param groups of gates and multipliers (group order survives wrapping)
+        self._average_l0_gradients = False  # under FSDP, which leaves the L0 module to us (l0_training.py)
 
     def _l0(self, state: State):
         model = unwrap_model(state.model)
@@ -94,6 +98,8 @@ class PruningCallback(Callback):
             self._l0_groups = check_optimizer_groups(model, state.optimizers[0])
         if l0.init == "importance":
             self._order_gates(state, model, l0)
+        replicate_(l0, state.device.tensor_to_device(torch.empty(0)).device)
+        split_gradient_clipping_(state)
 
     def _order_gates(self, state: State, model: Any, l0: L0Module) -> None:
         """Gates ordered by importance (rank 0's pass, broadcast). Its files (`importance.pt`, and
@@ -122,6 +128,7 @@ class PruningCallback(Callback):
         start_run_in_folder(state)
 
     def fit_start(self, state: State, logger: Logger) -> None:
+        self._average_l0_gradients = state.fsdp_enabled and dist.get_world_size() > 1
         start_run_in_folder(state)  # before the first write: an earlier run in the folder is refused or moved
         self._write_importance(state)
         if self.save_masks:
@@ -134,6 +141,10 @@ class PruningCallback(Callback):
             # The LR scheduler recomputes every group's lr after each step; this runs after it, before the next.
             for index in self._l0_groups:
                 state.optimizers[0].param_groups[index]["lr"] = 0.0
+
+    def after_backward(self, state: State, logger: Logger) -> None:
+        if self._average_l0_gradients:
+            average_gradients_(self._l0(state)[1])
 
     def after_train_batch(self, state: State, logger: Logger) -> None:
         """The statistics of this step's forward, logged once per batch (after every microbatch, before the

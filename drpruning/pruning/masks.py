@@ -6,10 +6,13 @@ gates (one sample per gate per forward) and returns the Lagrangian; in eval it r
 masks. Those score the **current** model by default (per row, the round(Σ score) highest-scoring units,
 the size the gates currently expect), as the reference scripts do (`eval_target_model: false`): the
 target-shaped model, whose kept units early on are chosen by barely-trained gates, scores worse than a
-uniform guess and hides which domains the model is losing (SPEC §3). `eval_masks: target` scores the
-target shape instead; export always keeps exactly the target count (`target_masks`). Its parameters
-live in this child module and are only read inside `forward`, so FSDP gathers them and DDP syncs their
-gradients.
+uniform guess and hides which domains the model is losing (paper §2.1, `docs/reference-differences.md`).
+`eval_masks: target` scores the target shape instead; export always keeps exactly the target count
+(`target_masks`).
+
+The gate maths is fp32 whatever the run's precision: the module is never sharded or cast by FSDP
+(`_fsdp_wrap = False`; at most a few hundred thousand values, replicated on every rank) and `forward` runs
+with autocast off. `drpruning/pruning/l0_training.py` does what FSDP would otherwise have done for it.
 
 Masks by name, for L layers, d hidden, K KV heads, F FFN units: `layer [L]`, `head [L, K]` (a KV group
 with its query heads), `intermediate [L, F]`, `hidden [d]`; `drpruning/pruning/prunable.py` says where
@@ -74,6 +77,10 @@ class L0Module(nn.Module):
       `gates.<module>`: log alpha of each gate; `lambda_1.<module>`, `lambda_2.<module>`: shape [1] each.
     """
 
+    # Composer's FSDP (1 and 2) skips a child marked so: the gates stay fp32 under `mixed_precision: PURE`,
+    # where a bf16 cast would move the expected sparsity by ~1e-3 and swallow the target's per-step increment.
+    _fsdp_wrap = False
+
     def __init__(
         self,
         source: ModelShape,
@@ -133,14 +140,15 @@ class L0Module(nn.Module):
         self.keep = {m: target_sizes[m] for m in self.pruning_modules}
         self.final_sparsity = {m: 1.0 - target_sizes[m] / sizes[m] for m in self.pruning_modules}
         self.gates = nn.ParameterDict({
-            m: nn.Parameter(torch.full((*rows[m], sizes[m]), float(init_log_alpha))) for m in self.pruning_modules
+            m: nn.Parameter(torch.empty(*rows[m], sizes[m], dtype=torch.float32)) for m in self.pruning_modules
         })
         # The paper starts both multipliers at 0. A stiff start (init_lambda_2 ~ 1e3) stops the min-max
-        # game winding up when the budget is short: see LAGRANGIAN_CONTROLLERS below.
-        self.lambda_1 = nn.ParameterDict({m: nn.Parameter(torch.full((1,), self.init_lambda_1))
+        # game winding up when the budget is short (docs/results.md, "The Lagrangian controller").
+        self.lambda_1 = nn.ParameterDict({m: nn.Parameter(torch.empty(1, dtype=torch.float32))
                                           for m in self.pruning_modules})
-        self.lambda_2 = nn.ParameterDict({m: nn.Parameter(torch.full((1,), self.init_lambda_2))
+        self.lambda_2 = nn.ParameterDict({m: nn.Parameter(torch.empty(1, dtype=torch.float32))
                                           for m in self.pruning_modules})
+        self.reset_parameters()
         # Set every training step by the `pruning` callback; drives the target-sparsity warmup.
         self.train_step: int | None = None
         # Gate noise is a pure function of (seed, rank, step, forward within the step), so a resumed run
@@ -148,6 +156,16 @@ class L0Module(nn.Module):
         self.noise_seed, self.noise_rank = 0, 0
         self.last_target_masks: dict[str, Tensor] | None = None
         self._noise_step, self._noise_forwards = -1, 0
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """The starting values: every gate at `init_log_alpha`, the multipliers at their `init_lambda_*`.
+        Also what materialises parameters built on the meta device (`init_device: meta | mixed`)."""
+        for log_alpha in self.gates.values():
+            log_alpha.fill_(self.init_log_alpha)
+        for m in self.pruning_modules:
+            self.lambda_1[m].fill_(self.init_lambda_1)
+            self.lambda_2[m].fill_(self.init_lambda_2)
 
     # ---- sizes -------------------------------------------------------------------------------------
 
@@ -175,7 +193,12 @@ class L0Module(nn.Module):
     # ---- forward -----------------------------------------------------------------------------------
 
     def forward(self) -> tuple[dict[str, Tensor], Tensor | None, dict[str, Tensor]]:
-        """Returns (masks, lagrangian or None in eval, detached stats for logging)."""
+        """Returns (masks, lagrangian or None in eval, detached stats for logging), all computed in fp32."""
+        device = next(iter(self.gates.values())).device
+        with torch.autocast(device_type=device.type, enabled=False):
+            return self._forward_fp32()
+
+    def _forward_fp32(self) -> tuple[dict[str, Tensor], Tensor | None, dict[str, Tensor]]:
         if not self.training:
             # Cached here, where FSDP has gathered the gates: the pruning callback dumps them after evals.
             self.last_target_masks = self.target_masks()
