@@ -22,6 +22,11 @@ that the hooks still fit the installed transformers); the difference is written 
 
     python benchmarks/gpu_check.py                      # CUDA, bf16; writes benchmarks/gpu_check.md
     python benchmarks/gpu_check.py --quick              # CPU fp32, tiny shapes, a few steps (the test suite)
+
+A 40 GB card holds one 1.3B model in training, not two: `--one-at-a-time auto` (the default) measures each
+model alone when both would not fit the free memory, and says so above the table. When Composer and
+LLM-Foundry are installed, a last section runs a short pruning run through Composer's FSDP1 with the paper
+recipes' settings (PURE bf16, non-reentrant activation checkpointing); without them it says it was skipped.
 """
 
 from __future__ import annotations
@@ -166,23 +171,24 @@ def build(case: Case, kind: str, device: str, attention: str, bf16: bool,
 
 
 @torch.no_grad()
-def check_masked_forward(case: Case, stock: Runner, masked: Runner, input_ids: torch.Tensor) -> float:
-    """Max |logits difference| between the stock model and the masked one with its masks cleared (0 when the
-    masked RMSNorm matches the installed transformers' maths); raises if the target masks change nothing,
-    i.e. the hooks no longer reach the modules the installed transformers calls."""
+def eval_logits(runner: Runner, input_ids: torch.Tensor) -> torch.Tensor:
+    runner.model.eval()
+    with runner.autocast():
+        out = runner.model(input_ids=input_ids, use_cache=False).logits.float()
+    runner.model.train()
+    return out
 
-    def logits(runner: Runner) -> torch.Tensor:
-        runner.model.eval()
-        with runner.autocast():
-            out = runner.model(input_ids=input_ids, use_cache=False).logits.float()
-        runner.model.train()
-        return out
 
-    reference = logits(stock)
+@torch.no_grad()
+def check_masked_forward(case: Case, reference: torch.Tensor, masked: Runner, input_ids: torch.Tensor) -> float:
+    """Max |logits difference| between the stock model's `reference` logits and the masked one with its masks
+    cleared (0 when the masked RMSNorm matches the installed transformers' maths); raises if the target masks
+    change nothing, i.e. the hooks no longer reach the modules the installed transformers calls."""
+    reference = reference.to(input_ids.device)
     masked.masks.clear()
-    masks_off = float((logits(masked) - reference).abs().max())
+    masks_off = float((eval_logits(masked, input_ids) - reference).abs().max())
     masked.masks.set(masked.l0.target_masks())
-    masks_on = float((logits(masked) - reference).abs().max())
+    masks_on = float((eval_logits(masked, input_ids) - reference).abs().max())
     masked.masks.clear()
     if not masks_on > 0:
         raise RuntimeError(f"{case.name}: target masks leave the logits unchanged: drpruning's hooks do not reach "
@@ -190,45 +196,63 @@ def check_masked_forward(case: Case, stock: Runner, masked: Runner, input_ids: t
     return masks_off
 
 
+def train_bytes(case: Case) -> int:
+    """Rough device memory of one model in training: fp32 weights, grads and two AdamW moments (16 bytes per
+    parameter) plus bf16 activations of about 34 · d bytes per token per layer (no checkpointing)."""
+    c = case.config
+    per_layer = 4 * c["hidden_size"] ** 2 + 3 * c["hidden_size"] * c["intermediate_size"]
+    params = c["num_hidden_layers"] * per_layer + c["vocab_size"] * c["hidden_size"] * (1 if c["tie_word_embeddings"] else 2)
+    tokens = case.batch_size * case.seq_len
+    return 16 * params + 34 * c["hidden_size"] * tokens * c["num_hidden_layers"]
+
+
 def sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
 
 
-def measure(case: Case, device: str, attention: str, bf16: bool, steps: int, warmup: int) -> dict[str, Any]:
+def measure(case: Case, device: str, attention: str, bf16: bool, steps: int, warmup: int,
+            one_at_a_time: bool = False) -> dict[str, Any]:
     """Build both models (each one's peak memory measured while it builds and warms up), check the masked
-    forward with masks off against stock, then time `steps` alternating train steps."""
+    forward with masks off against stock, then time `steps` train steps per model: alternating between the
+    two (both resident), or with `one_at_a_time` each model alone, freed before the next is built (half the
+    memory; clock drift between the two phases is then not cancelled)."""
     generator = torch.Generator().manual_seed(0)
     input_ids = torch.randint(0, case.config["vocab_size"], (case.batch_size, case.seq_len), generator=generator)
     input_ids = input_ids.to(device)
     runners: dict[str, Runner] = {}
     peak: dict[str, float | None] = {}
-    masks_off_diff = None
+    times: dict[str, list[float]] = {kind: [] for kind in KINDS}
+    effective: dict[str, str] = {}
+    masks_off_diff, reference, weights, params = None, None, None, 0
     for kind in KINDS:
         gc.collect()
         if device == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
             before = torch.cuda.memory_allocated()
-        weights = None if kind == "stock" else runners["stock"].model.state_dict()
-        runners[kind] = build(case, kind, device, attention, bf16, weights)
-        if kind == "masked":
-            masks_off_diff = check_masked_forward(case, runners["stock"], runners["masked"], input_ids)
-        losses = [runners[kind].step(input_ids) for _ in range(warmup)]
+        runner = build(case, kind, device, attention, bf16, weights)
+        effective[kind] = getattr(runner.model.config, "_attn_implementation", attention)
+        if kind == "stock":
+            params = sum(p.numel() for p in runner.model.parameters())
+            reference = eval_logits(runner, input_ids).cpu()
+            weights = {k: v.detach().to("cpu" if one_at_a_time else v.device, copy=True)
+                       for k, v in runner.model.state_dict().items()}  # fmt: skip
+        else:
+            masks_off_diff = check_masked_forward(case, reference, runner, input_ids)
+        losses = [runner.step(input_ids) for _ in range(warmup)]
         if not all(math.isfinite(loss) for loss in losses):
             raise RuntimeError(f"{case.name}: {kind} model's warmup losses are not finite: {losses}")
         sync(device)
         peak[kind] = (torch.cuda.max_memory_allocated() - before) / 2**30 if device == "cuda" else None
-    times: dict[str, list[float]] = {kind: [] for kind in KINDS}
-    for index in range(steps):
+        if one_at_a_time:
+            times[kind] = [timed_step(runner, input_ids, device) for _ in range(steps)]
+            del runner
+        else:
+            runners[kind] = runner
+    for index in range(steps if runners else 0):
         for kind in KINDS if index % 2 == 0 else KINDS[::-1]:
-            sync(device)
-            start = time.perf_counter()
-            runners[kind].step(input_ids)
-            sync(device)
-            times[kind].append(time.perf_counter() - start)
-    params = sum(p.numel() for p in runners["stock"].model.parameters())
-    effective = {kind: getattr(r.model.config, "_attn_implementation", attention) for kind, r in runners.items()}
+            times[kind].append(timed_step(runners[kind], input_ids, device))
     if len(set(effective.values())) != 1:
         raise RuntimeError(f"{case.name}: the two models use different attention kernels: {effective}")
     del runners
@@ -242,6 +266,14 @@ def measure(case: Case, device: str, attention: str, bf16: bool, steps: int, war
         **{f"{kind}_tokens_per_s": tokens / step[kind] for kind in KINDS},
         **{f"{kind}_peak_gib": peak[kind] for kind in KINDS},
     }
+
+
+def timed_step(runner: Runner, input_ids: torch.Tensor, device: str) -> float:
+    sync(device)
+    start = time.perf_counter()
+    runner.step(input_ids)
+    sync(device)
+    return time.perf_counter() - start
 
 
 def markdown(rows: list[dict[str, Any]], header: list[str]) -> str:
@@ -267,6 +299,59 @@ def markdown(rows: list[dict[str, Any]], header: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+FSDP1_STEPS = 8
+
+
+def composer_fsdp1_section(steps: int = FSDP1_STEPS) -> list[str]:
+    """The recipes' real GPU path, when this machine has it: `steps` batches of the tiny pruning recipe through
+    Composer on one GPU with FSDP1 (FULL_SHARD), `mixed_precision: PURE` under `amp_bf16` and non-reentrant
+    activation checkpointing, as the paper recipes set them. Returns report lines, or one line saying why the
+    section was skipped (no Composer/LLM-Foundry: the bare GPU stack; no CUDA: FSDP1 cannot run)."""
+    import importlib.util
+    import json
+    import os
+    import subprocess
+    import tempfile
+
+    missing = [name for name in ("composer", "llmfoundry", "streaming") if importlib.util.find_spec(name) is None]
+    if missing:
+        return [f"Composer/FSDP1 section: skipped ({', '.join(missing)} not installed here)."]
+    if not torch.cuda.is_available():
+        return ["Composer/FSDP1 section: skipped (FSDP1 needs CUDA)."]
+    from drpruning.demo.tiny import make_tiny_assets
+
+    with tempfile.TemporaryDirectory() as tmp:
+        assets, run = make_tiny_assets(Path(tmp) / "assets"), Path(tmp) / "run"
+        interval = steps // 2
+        command = [
+            str(Path(sys.executable).with_name("composer")), "-n", "1", "scripts/train.py",
+            "yamls/tiny/prune_llama_gqa.yaml", f"variables.assets={assets}", f"save_folder={run}",
+            f"max_duration={steps}ba", f"variables.update_interval={interval}", f"save_interval={steps}ba",
+            f"model.l0_module.lagrangian_warmup={interval}ba", "scheduler.t_warmup=2ba",
+            "callbacks.data_scheduler.min_points=3", "precision=amp_bf16", "model.init_device=cpu",
+            "fsdp_config.sharding_strategy=FULL_SHARD", "fsdp_config.mixed_precision=PURE",
+            "fsdp_config.activation_checkpointing=true", "fsdp_config.activation_checkpointing_reentrant=false",
+            "fsdp_config.use_orig_params=true", "fsdp_config.state_dict_type=full",
+        ]  # fmt: skip
+        env = {k: v for k, v in os.environ.items() if k != "FSDP_VERSION"}  # Composer's default: FSDP1
+        result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+        if result.returncode != 0:
+            tail = (result.stdout + result.stderr).strip().splitlines()[-15:]
+            return [f"Composer/FSDP1 section: FAILED (exit {result.returncode}):", "", "```", *tail, "```"]
+        last: dict[str, float] = {}
+        for line in (run / "metrics.jsonl").read_text().splitlines():
+            record = json.loads(line)
+            last.update({k: v for k, v in record.items() if k.startswith(("metrics/pruning/", "loss/train/total"))})
+        gaps = {k.rsplit("/", 1)[1]: v - last[k.replace("expected_sparsity", "target_sparsity")]
+                for k, v in last.items() if "/expected_sparsity/" in k}  # fmt: skip
+        masks = sorted((run / "masks").glob("ba*.pt"))
+    return [f"Composer/FSDP1 section: {steps} steps of `yamls/tiny/prune_llama_gqa.yaml` on 1 GPU, FSDP1 FULL_SHARD, "
+            "mixed_precision PURE under amp_bf16, non-reentrant activation checkpointing: finished; last train "
+            f"loss {last.get('loss/train/total', float('nan')):.3f}; expected - target sparsity at the last step: "
+            + ", ".join(f"{m} {gap:+.3f}" for m, gap in sorted(gaps.items()))
+            + f"; mask dumps written: {len(masks)}."]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="CPU, fp32, tiny shapes, 2 timed steps (for tests)")
@@ -278,6 +363,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="attention kernel (auto: flash_attention_2 if installed on a GPU, else sdpa)")
     parser.add_argument("--cases", nargs="+", choices=[LLAMA_1_3B.name, SMOLLM2_DEMO.name],
                         help="subset of the GPU cases (default: both)")
+    parser.add_argument("--fsdp1", action="store_true",
+                        help="with --quick, also try the Composer/FSDP1 section (it always runs on a GPU)")
+    parser.add_argument("--one-at-a-time", choices=["auto", "yes", "no"], default="auto",
+                        help="measure each model alone, freeing it before the next (a 40 GB card fits the 1.3B "
+                             "case only so); auto: when both would not fit in the free device memory")
     args = parser.parse_args(argv)
 
     if args.quick:
@@ -297,18 +387,28 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.perf_counter()
     rows = []
+    alone = []
     for case in cases:
-        rows.append(measure(case, device, attention, bf16, steps, args.warmup))
+        one_at_a_time = args.one_at_a_time == "yes" or (
+            args.one_at_a_time == "auto" and device == "cuda" and 2 * train_bytes(case) > torch.cuda.mem_get_info()[0])
+        if one_at_a_time:
+            alone.append(case.name)
+        rows.append(measure(case, device, attention, bf16, steps, args.warmup, one_at_a_time))
         print(f"{case.name}: done after {time.perf_counter() - started:.0f} s", flush=True)
     device_name = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({platform.machine()})"
     header = [
         f"Device: {device_name}; torch {torch.__version__}, transformers {transformers.__version__}; "
         f"{'fp32 weights under bf16 autocast' if bf16 else 'fp32'}; median of {steps} alternating train steps "
-        f"per model after {args.warmup} warmup steps; wall time {time.perf_counter() - started:.0f} s.",
+        f"per model after {args.warmup} warmup steps; wall time {time.perf_counter() - started:.0f} s."
+        + (f" Measured one model at a time (not alternating), to fit the card: {', '.join(alone)}." if alone else ""),
         f"Command: `python benchmarks/gpu_check.py{' --quick' if args.quick else ''}`"
         + (" (smoke mode: tiny shapes, figures meaningless)" if args.quick else ""),
     ]
     table = markdown(rows, header)
+    if not args.quick or args.fsdp1:
+        fsdp1 = composer_fsdp1_section()
+        print(fsdp1[0], flush=True)
+        table += "\n" + "\n".join(fsdp1) + "\n"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(table, encoding="utf-8")
     print(table, end="")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import os
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -70,9 +71,28 @@ def check_drpruning_blocks(cfg: dict[str, Any]) -> dict[str, Any]:
             check_keys(block, keys(), f"{section} ({name})")
     model, callbacks = cfg.get("model"), cfg.get("callbacks")
     pruning = isinstance(model, dict) and model.get("name") == "drpruning_causal_lm" and model.get("l0_module")
+    if pruning:
+        check_fsdp_for_pruning(cfg.get("fsdp_config") or cfg.get("parallelism_config", {}).get("fsdp"))
     if pruning and isinstance(callbacks, dict) and "hf_checkpointer" in callbacks:
         raise ConfigError("callbacks.hf_checkpointer in a pruning run would save the unpruned source model (it "
                           "knows nothing of the masks); remove it and export the pruned model with "
                           "`python scripts/prune_to_dense.py RUN_FOLDER OUT_DIR` (continued-pretraining runs may "
                           "keep it)")  # fmt: skip
     return cfg
+
+
+def check_fsdp_for_pruning(fsdp: Any) -> None:
+    """The FSDP settings a pruning run cannot train under, for Composer's FSDP1 (the default) and FSDP2
+    (`FSDP_VERSION=2`). The masks reach the decoder through hooks, not through the checkpointed blocks'
+    inputs, so reentrant activation checkpointing (FSDP1's default when `activation_checkpointing` is on)
+    would recompute the blocks outside autograd's view of them, and the backward fails ("Trying to backward
+    through the graph a second time"). FSDP2 always checkpoints without reentry."""
+    if not isinstance(fsdp, dict) or not fsdp.get("activation_checkpointing"):
+        return
+    if os.environ.get("FSDP_VERSION", "1") == "2":
+        return
+    if fsdp.get("activation_checkpointing_reentrant", True):
+        raise ConfigError("fsdp_config.activation_checkpointing in a pruning run needs "
+                          "fsdp_config.activation_checkpointing_reentrant: false (Composer's FSDP1 default is "
+                          "true): reentrant checkpointing recomputes each block outside autograd's view of the "
+                          "masks, and the backward through the gates fails")  # fmt: skip

@@ -223,8 +223,11 @@ def test_a_config_error_under_composer_is_one_line(own, tiny_assets, tmp_path):
     ("model.pretrainde=true", "model (drpruning_causal_lm): unknown key(s) 'pretrainde' (did you mean 'pretrained'?)"),
     ("train_loader.data_dirr=x", "train_loader (domain_mixture): unknown key(s) 'data_dirr' (did you mean 'data_dir'?)"),
     ("eval_loader.splt=eval", "domain_eval: unknown key(s) ['splt']"),
+    ("callbacks.hf_checkpointer.save_folder=hf", "callbacks.hf_checkpointer in a pruning run would save the "
+     "unpruned source model"),
+    ("fsdp_config.activation_checkpointing=true", "needs fsdp_config.activation_checkpointing_reentrant: false"),
 ])
-def test_a_misspelt_block_key_is_one_line_naming_it(own, tiny_assets, tmp_path, typo, message):
+def test_a_misspelt_or_refused_key_is_one_line_naming_it(own, tiny_assets, tmp_path, typo, message):
     result = _train([*_short_run(tiny_assets, own["data"], tmp_path / "run"), typo])
     assert result.returncode == 2
     assert message in _one_error_line(result.stderr)
@@ -240,3 +243,37 @@ def test_hf_checkpointer_is_refused_in_pruning_runs_only():
         check_drpruning_blocks(pruning)
     continued = {"model": {"name": "drpruning_causal_lm"}, "callbacks": {"hf_checkpointer": {"save_folder": "x"}}}
     assert check_drpruning_blocks(continued) is continued
+
+
+@pytest.mark.parametrize("fsdp_version,fsdp,refused", [
+    ("1", {"activation_checkpointing": True}, True),  # FSDP1 defaults to reentrant checkpointing
+    ("1", {"activation_checkpointing": True, "activation_checkpointing_reentrant": True}, True),
+    ("1", {"activation_checkpointing": True, "activation_checkpointing_reentrant": False}, False),
+    ("1", {"activation_checkpointing": False}, False),
+    ("2", {"activation_checkpointing": True}, False),  # FSDP2 never re-enters
+])
+def test_reentrant_activation_checkpointing_is_refused_in_pruning_runs(monkeypatch, fsdp_version, fsdp, refused):
+    from drpruning.config_checks import check_drpruning_blocks
+
+    monkeypatch.setenv("FSDP_VERSION", fsdp_version)
+    cfg = {"model": {"name": "drpruning_causal_lm", "l0_module": {"target": {}}}, "fsdp_config": fsdp}
+    if refused:
+        with pytest.raises(ConfigError, match="activation_checkpointing_reentrant: false"):
+            check_drpruning_blocks(cfg)
+    else:
+        assert check_drpruning_blocks(cfg) is cfg
+    continued = {"model": {"name": "drpruning_causal_lm"}, "fsdp_config": fsdp}
+    assert check_drpruning_blocks(continued) is continued, "continued pretraining has no masks to lose"
+
+
+def test_paper_recipes_pass_the_fsdp_checks_under_both_versions(monkeypatch):
+    from omegaconf import OmegaConf
+
+    from drpruning.config_checks import check_fsdp_for_pruning
+
+    recipes = sorted((Path(__file__).resolve().parents[1] / "yamls").glob("prune_*.yaml"))
+    assert len(recipes) >= 3
+    for version in ("1", "2"):
+        monkeypatch.setenv("FSDP_VERSION", version)
+        for recipe in recipes:
+            check_fsdp_for_pruning(OmegaConf.to_container(OmegaConf.load(recipe)).get("fsdp_config"))

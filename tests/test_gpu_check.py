@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 # What the GPU machine lacks; a `None` entry in sys.modules makes `import name` raise ImportError.
 ABSENT = ("composer", "llmfoundry", "streaming")
@@ -19,10 +21,12 @@ RUNNER = (
 )
 
 
-def test_quick_mode_writes_one_table_without_composer(tmp_path):
+@pytest.mark.parametrize("one_at_a_time", ["no", "yes"])
+def test_quick_mode_writes_one_table_without_composer(tmp_path, one_at_a_time):
     out = tmp_path / "gpu_check.md"
     result = subprocess.run(
-        [sys.executable, "-c", RUNNER, str(REPO / "benchmarks" / "gpu_check.py"), "--quick", "--out", str(out)],
+        [sys.executable, "-c", RUNNER, str(REPO / "benchmarks" / "gpu_check.py"), "--quick", "--out", str(out),
+         "--one-at-a-time", one_at_a_time, "--fsdp1"],
         cwd=tmp_path, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -38,6 +42,8 @@ def test_quick_mode_writes_one_table_without_composer(tmp_path):
         # masks cleared, the masked forward is the stock forward exactly
         assert float(row["max abs logit diff, masks off"]) == 0.0
     assert "transformers" in lines[0] and "fp32" in lines[0]
+    assert ("one model at a time" in lines[0]) == (one_at_a_time == "yes")
+    assert lines[-1] == "Composer/FSDP1 section: skipped (composer, llmfoundry, streaming not installed here)."
 
 
 def test_full_mode_without_cuda_is_one_clear_error(tmp_path):
