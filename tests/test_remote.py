@@ -118,6 +118,22 @@ def test_a_truncated_remote_shard_is_an_error_naming_it_and_is_not_kept(remote, 
     assert not (cache / "math" / "train" / shard).exists()
 
 
+def test_prepared_shards_carry_hashes_and_a_same_size_damage_is_caught(remote, tmp_path):
+    import json
+
+    for split in ("train", "eval"):
+        index = json.loads((remote / "prose" / split / "index.json").read_text())
+        assert all(shard["raw_data"]["hashes"].get("xxh64") for shard in index["shards"]), split
+    index, shard = _sample_in_last_shard(remote, "code")
+    path = remote / "code" / "train" / shard
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x55  # one token's bytes: same size, other value
+    path.write_bytes(bytes(data))
+    dataset = DomainMixtureDataset(tmp_path / "cache", GLOBAL_BATCH, remote=str(remote))
+    with pytest.raises(RemoteDataError, match=f"shard {path} is corrupt: {shard} fails its xxh64 check"):
+        dataset[(1, index)]
+
+
 def test_a_damaged_shard_of_an_index_with_hashes_fails_its_check(tmp_path):
     remote, cache = tmp_path / "remote", tmp_path / "cache"
     with MDSWriter(out=str(remote / "train"), columns={"tokens": "ndarray:uint16"}, hashes=["sha1"],

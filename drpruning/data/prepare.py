@@ -50,6 +50,10 @@ from drpruning.data.sources import (
 )
 from drpruning.errors import ConfigError, DataPrepError, report_error
 
+# Written into every split's index.json; a remote reader checks each shard it downloads against it
+# (drpruning/data/remote.py), so a damaged copy of the same size is caught. xxh64: fast, and what streaming names it.
+SHARD_HASHES = ("xxh64",)
+
 
 @dataclass
 class SplitStats:
@@ -224,8 +228,10 @@ def _write_domain(
     unplaced_starts: list[int] = []  # stream offsets of documents that start in the unfinished sequence
     with (
         tqdm(total=total_bytes, unit="B", unit_scale=True, desc=name, disable=not show_progress) as progress,
-        MDSWriter(out=str(domain_dir / "eval"), columns=columns, size_limit=shard_size_limit) as eval_writer,
-        MDSWriter(out=str(domain_dir / "train"), columns=columns, size_limit=shard_size_limit) as train_writer,
+        MDSWriter(out=str(domain_dir / "eval"), columns=columns, size_limit=shard_size_limit,
+                  hashes=list(SHARD_HASHES)) as eval_writer,
+        MDSWriter(out=str(domain_dir / "train"), columns=columns, size_limit=shard_size_limit,
+                  hashes=list(SHARD_HASHES)) as train_writer,
     ):
         for tokens in _tokenized_documents(files, tokenizer, dtype, batch_documents, progress, counts):
             result.documents += 1
