@@ -86,12 +86,14 @@ def check_fsdp_for_pruning(fsdp: Any) -> None:
     (`FSDP_VERSION=2`). The masks reach the decoder through hooks, not through the checkpointed blocks'
     inputs, so reentrant activation checkpointing (FSDP1's default when `activation_checkpointing` is on)
     would recompute the blocks outside autograd's view of them, and the backward fails ("Trying to backward
-    through the graph a second time"). FSDP2 always checkpoints without reentry."""
-    if not isinstance(fsdp, dict) or not fsdp.get("activation_checkpointing"):
+    through the graph a second time"). FSDP2 always checkpoints without reentry. FSDP1 also needs
+    `use_orig_params` for the gates' and multipliers' own param groups."""
+    if not isinstance(fsdp, dict) or os.environ.get("FSDP_VERSION", "1") == "2":
         return
-    if os.environ.get("FSDP_VERSION", "1") == "2":
-        return
-    if fsdp.get("activation_checkpointing_reentrant", True):
+    if fsdp.get("use_orig_params") is False:
+        raise ConfigError("fsdp_config.use_orig_params: false in a pruning run: Composer's FSDP1 can then keep only "
+                          "one optimizer param group, and the gates and multipliers need their own; set it to true")
+    if fsdp.get("activation_checkpointing") and fsdp.get("activation_checkpointing_reentrant", True):
         raise ConfigError("fsdp_config.activation_checkpointing in a pruning run needs "
                           "fsdp_config.activation_checkpointing_reentrant: false (Composer's FSDP1 default is "
                           "true): reentrant checkpointing recomputes each block outside autograd's view of the "

@@ -126,8 +126,10 @@ def scratch_model(source: Path, out: Path) -> None:
 
 def run_label(policy: str, args: argparse.Namespace) -> str:
     """The row / folder name: the policy, marked when its gates start from importance, and with `--variant`."""
-    if policy in (SCRATCH, ONE_SHOT):
+    if policy == SCRATCH:
         return policy
+    if policy == ONE_SHOT:  # its pruned model is shared; a variant names its continued pretraining
+        return f"{policy}-{args.variant}" if args.variant else policy
     name = f"{policy}-importance" if args.init == "importance" else policy
     return f"{name}-{args.variant}" if args.variant else name
 
@@ -152,14 +154,14 @@ def run_policy(policy: str, seed: int, args: argparse.Namespace, source: Path, d
     if policy not in args.cpt_policies:
         return
     stage(done / "cpt", f"{name} seed {seed} continued pretraining", lambda: composer_train(
-        CPT_YAML, pruned, cpt, args.cpt_steps, policy, seed, args, data, [], base / "logs" / "cpt.log"))
+        CPT_YAML, pruned, cpt, args.cpt_steps, policy, seed, args, data, args.cpt_override, base / "logs" / "cpt.log"))
     stage(done / "eval_cpt", f"{name} seed {seed} eval continued", lambda: evaluate(
         latest_hf_checkpoint(cpt), data, base / "eval_cpt.json"))
 
 
 def run_one_shot(seed: int, args: argparse.Namespace, source: Path, data: Path) -> None:
     """Importance pruning without training (shared by the seeds), then the seed's continued pretraining."""
-    shared, base = args.out / ONE_SHOT, args.out / f"{ONE_SHOT}-seed{seed}"
+    shared, base = args.out / ONE_SHOT, args.out / f"{run_label(ONE_SHOT, args)}-seed{seed}"
     pruned, cpt = shared / "pruned", base / "cpt"
     target = [f"{key}={value}" for key, value in TARGET.items()]
     calibration = [f"--{key.replace('_', '-')}={value}" for key, value in CALIBRATION.items()]
@@ -169,7 +171,8 @@ def run_one_shot(seed: int, args: argparse.Namespace, source: Path, data: Path) 
     stage(shared / "stages" / "eval_pruned", "one-shot eval pruned", lambda: evaluate(
         pruned, data, shared / "eval_pruned.json"))
     stage(base / "stages" / "cpt", f"one-shot seed {seed} continued pretraining", lambda: composer_train(
-        CPT_YAML, pruned, cpt, args.cpt_steps, ONE_SHOT_CPT_POLICY, seed, args, data, [], base / "logs" / "cpt.log"))
+        CPT_YAML, pruned, cpt, args.cpt_steps, ONE_SHOT_CPT_POLICY, seed, args, data, args.cpt_override,
+        base / "logs" / "cpt.log"))
     stage(base / "stages" / "eval_cpt", f"one-shot seed {seed} eval continued", lambda: evaluate(
         latest_hf_checkpoint(cpt), data, base / "eval_cpt.json"))
 
@@ -340,7 +343,11 @@ def main() -> None:
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--prune-override", action="append", default=[], metavar="KEY=VALUE",
                         help="a yaml override for the pruning runs (repeatable), e.g. model.l0_module.freeze_masks_at=80ba")
-    parser.add_argument("--variant", help="a name for the pruning runs made with --prune-override (row and folder)")
+    parser.add_argument("--cpt-override", action="append", default=[], metavar="KEY=VALUE",
+                        help="a yaml override for the continued-pretraining runs (repeatable), e.g. "
+                             "'model.distillation={teacher: SOURCE, weight: 0.5, temperature: 1.0}'")
+    parser.add_argument("--variant", help="a name for the runs made with --prune-override / --cpt-override (row "
+                                          "and folder)")
     parser.add_argument("--report-only", action="store_true", help="tabulate the runs that have finished")
     args = parser.parse_args()
     args.out = args.out.resolve()

@@ -251,14 +251,17 @@ def test_hf_checkpointer_is_refused_in_pruning_runs_only():
     ("1", {"activation_checkpointing": True, "activation_checkpointing_reentrant": False}, False),
     ("1", {"activation_checkpointing": False}, False),
     ("2", {"activation_checkpointing": True}, False),  # FSDP2 never re-enters
+    ("1", {"use_orig_params": False}, "use_orig_params: false"),
+    ("2", {"use_orig_params": False}, False),
 ])
-def test_reentrant_activation_checkpointing_is_refused_in_pruning_runs(monkeypatch, fsdp_version, fsdp, refused):
+def test_fsdp1_settings_a_pruning_run_cannot_train_under_are_refused(monkeypatch, fsdp_version, fsdp, refused):
     from drpruning.config_checks import check_drpruning_blocks
 
     monkeypatch.setenv("FSDP_VERSION", fsdp_version)
     cfg = {"model": {"name": "drpruning_causal_lm", "l0_module": {"target": {}}}, "fsdp_config": fsdp}
     if refused:
-        with pytest.raises(ConfigError, match="activation_checkpointing_reentrant: false"):
+        message = refused if isinstance(refused, str) else "activation_checkpointing_reentrant: false"
+        with pytest.raises(ConfigError, match=message):
             check_drpruning_blocks(cfg)
     else:
         assert check_drpruning_blocks(cfg) is cfg
