@@ -22,8 +22,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 from llmfoundry.command_utils import train
-from omegaconf import DictConfig
-from omegaconf import OmegaConf as om
+from omegaconf import DictConfig, OmegaConf as om
 
 from drpruning.errors import ConfigError, report_config_error
 from drpruning.launch import acquire_run_lock, choose_resume_checkpoint

@@ -12,8 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from drpruning.demo.tiny import tiny_model
 from drpruning.errors import CalibrationError, ShapeError
-from drpruning.export.one_shot import main as one_shot_main
-from drpruning.export.one_shot import one_shot_prune
+from drpruning.export.one_shot import main as one_shot_main, one_shot_prune
 from drpruning.pruning import importance as importance_module
 from drpruning.pruning.calibration import CalibrationConfig, calibration_sequences
 from drpruning.pruning.callback import PruningCallback

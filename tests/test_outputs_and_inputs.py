@@ -14,8 +14,7 @@ import pytest
 from streaming import LocalDataset
 
 from drpruning.atomic import remove_stale_staging, staged_directory
-from drpruning.data.prepare import main as prepare_main
-from drpruning.data.prepare import prepare_data
+from drpruning.data.prepare import main as prepare_main, prepare_data
 from drpruning.demo.tiny import make_tiny_assets, make_tiny_tokenizer
 from drpruning.errors import OutputError
 

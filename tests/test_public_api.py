@@ -50,10 +50,10 @@ def _drpruning_imports(path: Path) -> set[str]:
 # Which parts of the library each part may import: the method's halves and the data they meet do not
 # reach into each other's maths or into export, and nothing in the library imports the demo.
 LAYERS = {
-    "pruning": {"pruning", "data", "errors", "runs", "distributions", "safe_load"},
-    "data": {"data", "errors", "runs", "distributions", "atomic"},
-    "scheduling": {"scheduling", "errors", "runs", "distributions"},
-    "export": {"export", "pruning", "errors", "runs", "atomic", "safe_load"},
+    "pruning": {"pruning", "data", "errors", "runs", "distributions", "safe_load", "_lazy"},
+    "data": {"data", "errors", "runs", "distributions", "atomic", "_lazy"},
+    "scheduling": {"scheduling", "errors", "runs", "distributions", "_lazy"},
+    "export": {"export", "pruning", "errors", "runs", "atomic", "safe_load", "_lazy"},
 }
 
 

@@ -30,8 +30,7 @@ from llmfoundry.utils.config_utils import (
     make_dataclass_and_log_config,
     process_init_device,
 )
-from omegaconf import DictConfig
-from omegaconf import OmegaConf as om
+from omegaconf import DictConfig, OmegaConf as om
 from torch.distributed.fsdp import ShardingStrategy
 
 from drpruning.data.manifest import load_manifest

@@ -3,10 +3,32 @@ data through mosaicml-streaming, and the checks where prepared data meets a mode
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from typing import TYPE_CHECKING
 
-_PUBLIC = {
+from drpruning._lazy import lazy_exports
+
+if TYPE_CHECKING:  # the names below, for type checkers and IDEs; at run time each loads on first use
+    from drpruning.data.checks import (
+        check_seq_len as check_seq_len,
+        check_tokenizer as check_tokenizer,
+    )
+    from drpruning.data.domain_eval import (
+        domain_eval_loaders as domain_eval_loaders,
+        expand_domain_eval as expand_domain_eval,
+    )
+    from drpruning.data.manifest import load_manifest as load_manifest
+    from drpruning.data.mixer import (
+        DomainMixtureDataset as DomainMixtureDataset,
+        build_domain_mixture_dataloader as build_domain_mixture_dataloader,
+    )
+    from drpruning.data.mixture_plan import MixturePlan as MixturePlan
+    from drpruning.data.prepare import prepare_data as prepare_data
+    from drpruning.data.remote import (
+        fetch_manifest as fetch_manifest,
+        upload_prepared as upload_prepared,
+    )
+
+__all__, __getattr__, __dir__ = lazy_exports(__name__, {
     "prepare_data": "prepare",
     "load_manifest": "manifest",
     "MixturePlan": "mixture_plan",
@@ -18,16 +40,4 @@ _PUBLIC = {
     "upload_prepared": "remote",
     "check_tokenizer": "checks",
     "check_seq_len": "checks",
-}
-__all__ = sorted(_PUBLIC)
-
-
-def __getattr__(name: str) -> Any:
-    # Lazy, so that importing one light module (e.g. `drpruning.data.prepare`) does not pull in Composer.
-    if name in _PUBLIC:
-        return getattr(importlib.import_module(f"{__name__}.{_PUBLIC[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+})

@@ -1,6 +1,6 @@
 """Deterministic, resumable dynamic domain mixer (LLM-Foundry dataloader `domain_mixture`).
 
-Why this shape (see the notes §6.6):
+Why this shape:
 - The data stream is a pure function of (seed, proportion schedule, global batch index): the plan in
   `drpruning/data/mixture_plan.py` says which sample fills each slot; this module reads and batches them.
 - Each rank computes the same global batch and keeps its slice, so world size 1 and 2 see the same samples.

@@ -3,10 +3,25 @@ demo report, and tiny random models and data for tests and the tiny recipes."""
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from typing import TYPE_CHECKING
 
-_PUBLIC = {
+from drpruning._lazy import lazy_exports
+
+if TYPE_CHECKING:  # the names below, for type checkers and IDEs; at run time each loads on first use
+    from drpruning.demo.report import write_report as write_report
+    from drpruning.demo.smollm2 import (
+        load_from_gguf as load_from_gguf,
+        materialize as materialize,
+    )
+    from drpruning.demo.tiny import (
+        make_tiny_assets as make_tiny_assets,
+        make_tiny_corpus as make_tiny_corpus,
+        make_tiny_tokenizer as make_tiny_tokenizer,
+        tiny_config as tiny_config,
+        tiny_model as tiny_model,
+    )
+
+__all__, __getattr__, __dir__ = lazy_exports(__name__, {
     "materialize": "smollm2",
     "load_from_gguf": "smollm2",
     "write_report": "report",
@@ -15,16 +30,4 @@ _PUBLIC = {
     "tiny_config": "tiny",
     "make_tiny_corpus": "tiny",
     "make_tiny_tokenizer": "tiny",
-}
-__all__ = sorted(_PUBLIC)
-
-
-def __getattr__(name: str) -> Any:
-    # Lazy, so that importing one light module (e.g. `drpruning.demo.tiny`) does not pull in Composer.
-    if name in _PUBLIC:
-        return getattr(importlib.import_module(f"{__name__}.{_PUBLIC[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+})

@@ -7,10 +7,28 @@ run → export path (scripts/prune_to_dense.py), `one_shot` the importance-only 
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from typing import TYPE_CHECKING
 
-_PUBLIC = {
+from drpruning._lazy import lazy_exports
+
+if TYPE_CHECKING:  # the names below, for type checkers and IDEs; at run time each loads on first use
+    from drpruning.export.checkpoint import (
+        PruningCheckpoint as PruningCheckpoint,
+        load_pruning_checkpoint as load_pruning_checkpoint,
+        resolve_checkpoint as resolve_checkpoint,
+    )
+    from drpruning.export.convert import export_run as export_run
+    from drpruning.export.dense import (
+        KeptUnits as KeptUnits,
+        dense_export as dense_export,
+        kept_units as kept_units,
+        prune_to_dense as prune_to_dense,
+        pruning_summary as pruning_summary,
+    )
+    from drpruning.export.one_shot import one_shot_prune as one_shot_prune
+    from drpruning.export.write import save_export as save_export
+
+__all__, __getattr__, __dir__ = lazy_exports(__name__, {
     "PruningCheckpoint": "checkpoint",
     "load_pruning_checkpoint": "checkpoint",
     "resolve_checkpoint": "checkpoint",
@@ -22,16 +40,4 @@ _PUBLIC = {
     "save_export": "write",
     "export_run": "convert",
     "one_shot_prune": "one_shot",
-}
-__all__ = sorted(_PUBLIC)
-
-
-def __getattr__(name: str) -> Any:
-    # Lazy, like the other subpackages: importing the package does not pull in Composer.
-    if name in _PUBLIC:
-        return getattr(importlib.import_module(f"{__name__}.{_PUBLIC[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+})

@@ -3,10 +3,29 @@ and the `pruning` callback, and gate initialisation from measured importance."""
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from typing import TYPE_CHECKING
 
-_PUBLIC = {
+from drpruning._lazy import lazy_exports
+
+if TYPE_CHECKING:  # the names below, for type checkers and IDEs; at run time each loads on first use
+    from drpruning.pruning.calibration import CalibrationConfig as CalibrationConfig
+    from drpruning.pruning.callback import PruningCallback as PruningCallback
+    from drpruning.pruning.importance import (
+        Importance as Importance,
+        calibrate as calibrate,
+        compute_importance as compute_importance,
+    )
+    from drpruning.pruning.masks import L0Module as L0Module
+    from drpruning.pruning.model import DRPruningCausalLM as DRPruningCausalLM
+    from drpruning.pruning.prunable import make_prunable as make_prunable
+    from drpruning.pruning.shapes import (
+        PRUNING_MODULES as PRUNING_MODULES,
+        TARGET_KEYS as TARGET_KEYS,
+        ModelShape as ModelShape,
+        target_shape as target_shape,
+    )
+
+__all__, __getattr__, __dir__ = lazy_exports(__name__, {
     "PRUNING_MODULES": "shapes",
     "TARGET_KEYS": "shapes",
     "ModelShape": "shapes",
@@ -19,16 +38,4 @@ _PUBLIC = {
     "Importance": "importance",
     "calibrate": "importance",
     "compute_importance": "importance",
-}
-__all__ = sorted(_PUBLIC)
-
-
-def __getattr__(name: str) -> Any:
-    # Lazy, so that importing one light module (e.g. `drpruning.pruning.masks`) does not pull in Composer.
-    if name in _PUBLIC:
-        return getattr(importlib.import_module(f"{__name__}.{_PUBLIC[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+})

@@ -3,10 +3,34 @@ the policies (constant, sheared, dro, drpruning) and the `data_scheduler` callba
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from typing import TYPE_CHECKING
 
-_PUBLIC = {
+from drpruning._lazy import lazy_exports
+
+if TYPE_CHECKING:  # the names below, for type checkers and IDEs; at run time each loads on first use
+    from drpruning.scheduling.contracts import (
+        DomainStatsModel as DomainStatsModel,
+        MixtureDataset as MixtureDataset,
+    )
+    from drpruning.scheduling.dro import (
+        dro_proportions as dro_proportions,
+        worst_case_proportions as worst_case_proportions,
+    )
+    from drpruning.scheduling.policies import (
+        POLICY_NAMES as POLICY_NAMES,
+        Decision as Decision,
+        Observation as Observation,
+        Policy as Policy,
+        make_policy as make_policy,
+    )
+    from drpruning.scheduling.scaling_law import (
+        ScalingLawFit as ScalingLawFit,
+        fit_scaling_law as fit_scaling_law,
+        predict_final_loss as predict_final_loss,
+    )
+    from drpruning.scheduling.scheduler import DataScheduler as DataScheduler
+
+__all__, __getattr__, __dir__ = lazy_exports(__name__, {
     "dro_proportions": "dro",
     "worst_case_proportions": "dro",
     "ScalingLawFit": "scaling_law",
@@ -20,16 +44,4 @@ _PUBLIC = {
     "DataScheduler": "scheduler",
     "MixtureDataset": "contracts",
     "DomainStatsModel": "contracts",
-}
-__all__ = sorted(_PUBLIC)
-
-
-def __getattr__(name: str) -> Any:
-    # Lazy, so that importing one light module (e.g. `drpruning.scheduling.dro`) does not pull in Composer.
-    if name in _PUBLIC:
-        return getattr(importlib.import_module(f"{__name__}.{_PUBLIC[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+})

@@ -1,4 +1,4 @@
-"""χ²-ball distributionally robust proportions (Zhou et al. 2021; paper §3.1, SPEC §3 `dro`).
+"""χ²-ball distributionally robust proportions (Zhou et al. 2021; paper §3.1).
 
 The worst-case mixture inside a χ² ball around the reference ratio p:
 
@@ -37,7 +37,7 @@ def worst_case_proportions(excess: np.ndarray | list[float], reference_ratio: np
     """The exact maximiser q* above (no clipping).
 
     Returns p when ρ ≤ 0 (degenerate ball), when there is one domain, or when every excess on p's
-    support is ≤ 0 (every domain meets its reference: nothing to up-weight; SPEC §3). When ρ is so
+    support is ≤ 0 (every domain meets its reference: nothing to up-weight). When ρ is so
     large that the ball contains a distribution supported on the argmax set S of v, the maximum of
     the linear objective is max(v) and is attained by every such distribution; we return the one
     closest to p, q_i = p_i / p(S) on S (the limit η → max v), which lies in the ball iff

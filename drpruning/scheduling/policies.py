@@ -1,4 +1,4 @@
-"""Data-scheduling policies (SPEC §3): per-domain losses in, sampling proportions out. Pure numpy.
+"""Data-scheduling policies (paper §3): per-domain losses in, sampling proportions out. Pure numpy.
 
 Each policy is one object whose whole mutable state round-trips through `state_dict()` as plain
 lists/floats/ints/str/None, so the scheduler callback can checkpoint it and broadcast it to every rank.

@@ -1,4 +1,4 @@
-"""Per-domain scaling-law fit that predicts the end-of-training loss (paper §3.2, SPEC §3 `drpruning`).
+"""Per-domain scaling-law fit that predicts the end-of-training loss (paper §3.2).
 
     ℓ̂(P, T) = A / (P^α · T^β) + E        (pruning: P = expected remaining parameters)
     ℓ̂(T)    = A / T^β + E                (continued pretraining: P is None or constant)

@@ -1,5 +1,5 @@
 """`DataScheduler`: the Composer callback that runs a data policy every `update_interval` batches and
-drives the domain mixer (SPEC §3; what it needs from them: `drpruning/scheduling/contracts.py`).
+drives the domain mixer (paper §3; what it needs from them: `drpruning/scheduling/contracts.py`).
 
 Every rank takes part in the collectives (per-domain train statistics, eval-metric syncs, the
 broadcast); the policy itself runs on global rank 0 and its decision and new state are broadcast, so
