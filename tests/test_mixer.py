@@ -27,6 +27,7 @@ from drpruning.data.mixer import (
 )
 from drpruning.data.mixture_plan import seeded_permutation
 from drpruning.demo.tiny import make_tiny_mds, make_tiny_tokenizer
+from drpruning.errors import ConfigError
 
 GLOBAL_BATCH = 8
 
@@ -284,3 +285,98 @@ def test_composer_checkpoint_resume_replays_the_same_batches(data_dir, tmp_path)
     assert sorted(resumed.batches) == [3, 4, 5]
     for batch, input_ids in resumed.batches.items():
         assert torch.equal(input_ids, first.batches[batch])
+
+
+# ---- shard windows: a domain's order taken W shards at a time ----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sharded_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Three domains of many small shards (1 KB: about a dozen 32-token samples each)."""
+    from drpruning.data.prepare import prepare_data
+    from drpruning.demo.tiny import make_tiny_corpus
+
+    root = tmp_path_factory.mktemp("sharded")
+    make_tiny_tokenizer(root / "tokenizer")
+    files = make_tiny_corpus(root / "corpus", n_domains=3, docs_per_domain=40)
+    prepare_data({name: str(path) for name, path in files.items()}, root / "tokenizer", root / "mds",
+                 seq_len=32, eval_sequences=4, shard_size_limit=1024, show_progress=False)
+    return root / "mds"
+
+
+def _shard_of(dataset: DomainMixtureDataset, domain: int, samples: np.ndarray) -> np.ndarray:
+    sizes = [shard.samples for shard in dataset.readers[domain].shards]
+    return np.searchsorted(np.cumsum(sizes), samples, side="right")
+
+
+@pytest.mark.parametrize("window", [1, 3])
+def test_shard_windows_keep_the_mixers_guarantees_and_read_few_shards_at_a_time(sharded_dir, window):
+    dataset = _dataset(sharded_dir, proportions=[0.5, 0.3, 0.2], seed=5, shuffle_window=window)
+    assert all(len(r.shards) >= 6 for r in dataset.readers)
+    single = _global_batches(dataset, 1, 40)
+    for world_size in (2, 4):
+        again = _dataset(sharded_dir, proportions=[0.5, 0.3, 0.2], seed=5, shuffle_window=window)
+        assert _global_batches(again, world_size, 40) == single
+    whole = _global_batches(_dataset(sharded_dir, proportions=[0.5, 0.3, 0.2], seed=5, shuffle_window=0), 1, 40)
+    assert whole != single
+
+    # resume bit-exactly from a mid-run state
+    state = dataset.state_dict(num_samples=17 * GLOBAL_BATCH, from_beginning=True)
+    assert state["shuffle_window"] == window
+    resumed = _dataset(sharded_dir, proportions=[0.5, 0.3, 0.2], seed=5, shuffle_window=window)
+    resumed.load_state_dict(state)
+    assert _global_batches(resumed, 1, 23) == single[17:]
+
+    # every pass takes every sample once, a fresh order per pass, and never holds more than W unfinished shards
+    sizes = dataset.plan.domain_sizes
+    pairs = np.array(sum(_global_batches(dataset, 1, int(2.5 * sizes.max() / (0.2 * GLOBAL_BATCH))), []))
+    for domain, size in enumerate(sizes):
+        order = pairs[pairs[:, 0] == domain, 1]
+        passes = [order[i: i + size] for i in range(0, len(order) - size + 1, size)]
+        assert len(passes) >= 2 and not np.array_equal(passes[0], passes[1])
+        shard_samples = np.bincount(_shard_of(dataset, domain, np.arange(size)))
+        for one_pass in passes:
+            np.testing.assert_array_equal(np.sort(one_pass), np.arange(size))
+            seen = np.zeros_like(shard_samples)
+            for shard in _shard_of(dataset, domain, one_pass):
+                seen[shard] += 1
+                unfinished = int(((seen > 0) & (seen < shard_samples)).sum())
+                assert unfinished <= window, (domain, unfinished)
+
+
+def test_a_checkpoint_of_another_shuffle_window_is_refused_by_name(sharded_dir):
+    state = _dataset(sharded_dir, seed=5, shuffle_window=2).state_dict(4 * GLOBAL_BATCH, True)
+    with pytest.raises(ConfigError, match="shuffle_window=2 but this run has 0; resume with train_loader.shuffle_window: 2"):
+        _dataset(sharded_dir, seed=5).load_state_dict(state)
+    old = {**_dataset(sharded_dir, seed=5).state_dict(4 * GLOBAL_BATCH, True), "format_version": 1}
+    del old["shuffle_window"]  # written before windows existed: the whole-domain order
+    _dataset(sharded_dir, seed=5).load_state_dict(old)
+    with pytest.raises(ConfigError, match="shuffle_window must be a number of shards"):
+        _dataset(sharded_dir, seed=5, shuffle_window=-1)
+
+
+def test_a_twelve_step_remote_run_fetches_at_most_four_times_the_bytes_it_uses(tmp_path):
+    """The issue's check: 12 global batches of 8 from a remote of 2 KB shards (64-token sequences)."""
+    from drpruning.data.prepare import prepare_data
+    from drpruning.demo.tiny import make_tiny_corpus
+
+    make_tiny_tokenizer(tmp_path / "tokenizer")
+    files = make_tiny_corpus(tmp_path / "corpus", n_domains=4, docs_per_domain=150)
+    remote = tmp_path / "remote"
+    prepare_data({name: str(path) for name, path in files.items()}, tmp_path / "tokenizer", remote, seq_len=64,
+                 eval_sequences=4, shard_size_limit=2048, show_progress=False)  # fmt: skip
+
+    def fetched_per_used(cache: Path, **kwargs) -> float:
+        dataset = DomainMixtureDataset(cache, GLOBAL_BATCH, seed=17, remote=str(remote), **kwargs)
+        assert all(len(r.shards) >= 8 for r in dataset.readers)
+        batches = list(itertools.islice(DomainBatchSampler(dataset, 0, 1), 12))
+        used = 0
+        for batch in batches:
+            for key in batch:
+                used += dataset[key]["input_ids"].numel() * 2  # uint16 tokens
+        fetched = sum(p.stat().st_size for p in cache.rglob("shard.*.mds"))
+        return fetched / used
+
+    windowed = fetched_per_used(tmp_path / "cache")  # the remote default
+    assert windowed <= 4.0, windowed
+    assert fetched_per_used(tmp_path / "cache-whole", shuffle_window=0) > 4.0, "the whole-domain order reads far more"

@@ -18,7 +18,12 @@ from omegaconf import OmegaConf
 from streaming import LocalDataset, MDSWriter
 from transformers import AutoTokenizer
 
-from drpruning.data.mixer import DomainBatchSampler, DomainMixtureDataset, collate_mixture_batch
+from drpruning.data.mixer import (
+    REMOTE_SHUFFLE_WINDOW,
+    DomainBatchSampler,
+    DomainMixtureDataset,
+    collate_mixture_batch,
+)
 from drpruning.data.prepare import prepare_data
 from drpruning.data.remote import CachedSplit, fetch_manifest, upload_prepared
 from drpruning.demo.tiny import make_tiny_corpus, make_tiny_tokenizer
@@ -78,8 +83,9 @@ def test_first_read_downloads_shards_on_demand_and_a_second_run_reads_the_cache(
     assert _shards(cache / "prose" / "train") == [_shards(remote / "prose" / "train")[-1]]  # only that shard
     assert _shards(cache / "code" / "train") == []
 
-    # The same batches as the local folder gives, through dataloader workers sharing the cache.
-    expected = _batches(DomainMixtureDataset(remote, GLOBAL_BATCH, proportions=[0.5, 0.3, 0.2], seed=3), 40)
+    # The same batches as the local folder gives in the remote's order, through workers sharing the cache.
+    expected = _batches(DomainMixtureDataset(remote, GLOBAL_BATCH, proportions=[0.5, 0.3, 0.2], seed=3,
+                                             shuffle_window=REMOTE_SHUFFLE_WINDOW), 40)
     _assert_same(_batches(dataset, 40, num_workers=2), expected)
     assert _shards(cache / "prose" / "train") == _shards(remote / "prose" / "train")
 

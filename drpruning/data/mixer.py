@@ -28,11 +28,21 @@ from transformers import PreTrainedTokenizerBase
 from drpruning.data.checks import check_seq_len, check_tokenizer
 from drpruning.data.manifest import load_manifest, select_domains
 from drpruning.data.mixture_plan import MixturePlan
-from drpruning.data.remote import CachedSplit, fetch_manifest, join_remote
+from drpruning.data.remote import (
+    DEFAULT_DOWNLOAD_RETRY,
+    DEFAULT_DOWNLOAD_TIMEOUT,
+    CachedSplit,
+    fetch_manifest,
+    join_remote,
+)
 from drpruning.distributions import proportions_in_domain_order
 from drpruning.errors import ConfigError
 
-STATE_FORMAT_VERSION = 1
+STATE_FORMAT_VERSION = 2
+"""2 records `shuffle_window`; a format-1 state was written by the whole-domain order (shuffle_window 0)."""
+REMOTE_SHUFFLE_WINDOW = 4
+"""Shards per window of a domain's sample order when the data is remote (mixture_plan.py): a run downloads
+each shard once per pass and holds at most this many unfinished shards per domain."""
 BATCHES_PER_EPOCH = 1 << 40
 """Length of the single epoch: far beyond any run, so Composer never reaches an epoch boundary."""
 
@@ -54,9 +64,12 @@ class DomainMixtureDataset(Dataset):
         lag: int = 0,
         split: str = "train",
         remote: str | None = None,
+        shuffle_window: int | None = None,
+        download_timeout: float = DEFAULT_DOWNLOAD_TIMEOUT,
+        download_retry: int = DEFAULT_DOWNLOAD_RETRY,
     ) -> None:
         if remote is not None:
-            fetch_manifest(remote, data_dir)
+            fetch_manifest(remote, data_dir, download_timeout)
         manifest = load_manifest(data_dir)
         selected = select_domains(manifest, domains, data_dir)
         seq_len = int(manifest["seq_len"])
@@ -79,10 +92,18 @@ class DomainMixtureDataset(Dataset):
         self.remote = remote
         self.readers = [
             LocalDataset(local=str(self.data_dir / d / split)) if remote is None
-            else CachedSplit(join_remote(remote, d), self.data_dir / d, split)
+            else CachedSplit(join_remote(remote, d), self.data_dir / d, split, download_timeout, download_retry)
             for d in selected
         ]
-        self.plan = MixturePlan([len(r) for r in self.readers], global_batch_size, seed, self.initial_proportions)
+        if shuffle_window is None:
+            shuffle_window = 0 if remote is None else REMOTE_SHUFFLE_WINDOW
+        if isinstance(shuffle_window, bool) or not isinstance(shuffle_window, int) or shuffle_window < 0:
+            raise ConfigError(f"shuffle_window must be a number of shards >= 0 (0: the whole domain), "
+                              f"got {shuffle_window!r}")
+        self.shuffle_window = shuffle_window
+        self.plan = MixturePlan([len(r) for r in self.readers], global_batch_size, seed, self.initial_proportions,
+                                shard_sizes=[[shard.samples for shard in r.shards] for r in self.readers],
+                                shuffle_window=shuffle_window)  # fmt: skip
 
     @property
     def global_batch_size(self) -> int:
@@ -115,6 +136,7 @@ class DomainMixtureDataset(Dataset):
             "domains": list(self.domains),
             "seed": self.seed,
             "global_batch_size": self.global_batch_size,
+            "shuffle_window": self.shuffle_window,
             **self.plan.state_dict(consumed),
         }
 
@@ -124,8 +146,13 @@ class DomainMixtureDataset(Dataset):
         for key, value in expected.items():
             if obj.get(key) != value:
                 raise ConfigError(f"checkpointed mixer has {key}={obj.get(key)!r} but this run has {value!r}")
-        if obj.get("format_version") != STATE_FORMAT_VERSION:
-            raise ValueError(f"unsupported mixer state format {obj.get('format_version')!r}")
+        version = obj.get("format_version")
+        if version not in (1, STATE_FORMAT_VERSION):
+            raise ValueError(f"unsupported mixer state format {version!r}")
+        saved_window = obj.get("shuffle_window", 0)  # format 1: the whole-domain order
+        if saved_window != self.shuffle_window:
+            raise ConfigError(f"checkpointed mixer has shuffle_window={saved_window} but this run has "
+                              f"{self.shuffle_window}; resume with train_loader.shuffle_window: {saved_window}")
         self.plan.load_state_dict(obj)
 
 
@@ -194,6 +221,9 @@ def build_domain_mixture_dataloader(
     pin_memory: bool | None = None,
     timeout: float = 0,
     remote: str | None = None,
+    shuffle_window: int | None = None,
+    download_timeout: float = DEFAULT_DOWNLOAD_TIMEOUT,
+    download_retry: int = DEFAULT_DOWNLOAD_RETRY,
 ) -> DataSpec:
     """LLM-Foundry dataloader builder (`train_loader: {name: domain_mixture, ...}`).
 
@@ -212,7 +242,15 @@ def build_domain_mixture_dataloader(
             them (the batches the loader has already requested), identically on every rank.
         pin_memory: default "when CUDA is available".
         remote: any location mosaicml-streaming reads (s3://, gs://, a shared path, ...).
+        shuffle_window: shards per window of each domain's sample order (`drpruning/data/mixture_plan.py`):
+            a pass takes every sample of W shards before moving to the next W, so a remote run fetches about
+            the bytes it uses. 0 orders the whole domain at once. Default: 0 for a local folder (free on a
+            local disk), 4 with `remote` (set it explicitly to read a local copy in the remote's order).
+        download_timeout, download_retry: seconds per shard download and retries after a failed one
+            (streaming's names; with `remote` only).
     """
+    if download_timeout <= 0 or download_retry < 0:
+        raise ConfigError(f"need download_timeout > 0 and download_retry >= 0, got {download_timeout}, {download_retry}")
     if device_batch_size != int(device_batch_size) or device_batch_size < 1:
         raise ConfigError(f"domain_mixture needs a positive integer device batch size, got {device_batch_size}")
     if num_workers < 0 or (num_workers > 0 and prefetch_factor < 1):
@@ -227,6 +265,9 @@ def build_domain_mixture_dataloader(
         max_seq_len=max_seq_len,
         lag=num_workers * prefetch_factor,
         remote=remote,
+        shuffle_window=shuffle_window,
+        download_timeout=download_timeout,
+        download_retry=download_retry,
     )
     if tokenizer is not None:
         check_tokenizer(dataset.manifest, data_dir, tokenizer, "domain_mixture")

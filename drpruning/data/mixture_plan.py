@@ -2,9 +2,18 @@
 
 The data stream is a pure function of (seed, proportion schedule, global batch index). Domains of global
 batch b are drawn from `np.random.default_rng([seed, 0, b])` with the proportions in force at b; the k-th
-sample ever taken from domain d is element k mod N_d of a seeded permutation of that domain (a keyed
-Feistel network, so no permutation is ever stored), a fresh permutation per pass. Nothing depends on
-timing, world size, worker count or the global numpy RNG, so every rank computes the same plan.
+sample ever taken from domain d is element k mod N_d of a seeded order of that domain, a fresh order per
+pass. Nothing depends on timing, world size, worker count or the global numpy RNG, so every rank computes
+the same plan.
+
+The order is local in shards (`ShardWindowOrder`, `shuffle_window` W > 0): each pass shuffles the domain's
+shards, cuts that sequence into windows of W shards, and takes every sample of one window, in a shuffled
+order, before the next window starts. A reader that downloads shards on first use (a remote) therefore
+fetches each shard once per pass, and at any moment holds at most W shards of a domain that it has not
+finished: bytes fetched <= bytes used + (domains x W x shard size), whatever the run's length. The price is
+that a run which uses fewer samples of a domain than a window holds sees only that window's shards; small
+shards (`prepare_data --shard-size-limit`) keep a short run diverse. W = 0 permutes the whole domain at once
+(a keyed Feistel network, so no permutation is ever stored), the mixer's plan before windows existed.
 """
 
 from __future__ import annotations
@@ -68,16 +77,85 @@ def seeded_permutation(positions: np.ndarray, sizes: int | np.ndarray, keys: np.
     return out.astype(np.int64)
 
 
+@functools.lru_cache(maxsize=4096)
+def _keys(*key: int) -> np.ndarray:
+    keys = np.random.SeedSequence(list(key)).generate_state(_FEISTEL_ROUNDS, np.uint64)
+    keys.flags.writeable = False  # shared through the cache
+    return keys
+
+
+class ShardWindowOrder:
+    """The order of one domain's samples within a pass, taken W shards at a time (see the module docstring).
+
+    Position q of pass p maps to a sample as follows: the shards, shuffled for the pass, laid end to end give
+    a "pass space" [0, N); windows are runs of W consecutive shards in it; q falls in window w at offset
+    q - start_w, which a keyed bijection of [0, size_w) moves within the window; the result is read back
+    through the shard order to a sample index. Every step is a bijection, so a pass takes every sample once.
+    """
+
+    def __init__(self, shard_sizes: Sequence[int], window: int, seed: int, domain: int) -> None:
+        sizes = np.asarray(shard_sizes, dtype=np.int64)
+        if len(sizes) == 0 or (sizes < 0).any() or sizes.sum() < 1:
+            raise ValueError(f"a domain needs shards with samples, got shard sizes {list(shard_sizes)}")
+        if window < 1:
+            raise ValueError(f"shuffle window must be at least one shard, got {window}")
+        self.shard_sizes, self.window, self.seed, self.domain = sizes, window, seed, domain
+        self.shard_starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        self.size = int(sizes.sum())
+        self._passes: OrderedDict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = OrderedDict()
+
+    def _pass(self, domain_pass: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(shard order, start of each shuffled shard in pass space, start of each window in pass space)."""
+        if domain_pass not in self._passes:
+            n = len(self.shard_sizes)
+            order = seeded_permutation(np.arange(n), n, _keys(self.seed, 2, self.domain, domain_pass))
+            in_order = self.shard_sizes[order]
+            starts = np.concatenate([[0], np.cumsum(in_order)[:-1]])
+            self._passes[domain_pass] = (order, starts, starts[:: self.window])
+            while len(self._passes) > 4:
+                self._passes.popitem(last=False)
+        self._passes.move_to_end(domain_pass)
+        return self._passes[domain_pass]
+
+    def samples(self, positions: np.ndarray, domain_pass: int) -> np.ndarray:
+        """Sample index of each in-pass position (`positions` in [0, size))."""
+        order, starts, window_starts = self._pass(domain_pass)
+        positions = np.asarray(positions, dtype=np.int64)
+        window = np.searchsorted(window_starts, positions, side="right") - 1
+        window_ends = np.append(window_starts[1:], self.size)
+        offset, window_size = positions - window_starts[window], window_ends[window] - window_starts[window]
+        keys = np.stack([_keys(self.seed, 3, self.domain, domain_pass, int(w)) for w in window])
+        moved = window_starts[window] + seeded_permutation(offset, window_size, keys)
+        slot = np.searchsorted(starts, moved, side="right") - 1
+        # Empty shards start where the next one does; `side="right"` lands on the last shard with that start,
+        # the one that holds the position.
+        return self.shard_starts[order[slot]] + (moved - starts[slot])
+
+
 class MixturePlan:
-    """The pure schedule → sample mapping shared by every rank (no data access, no torch)."""
+    """The pure schedule → sample mapping shared by every rank (no data access, no torch).
+
+    `shard_sizes`: per domain, the number of samples in each of its shards (in file order); `shuffle_window`:
+    W shards per window of the sample order (0: the whole domain at once)."""
 
     def __init__(
-        self, domain_sizes: Sequence[int], global_batch_size: int, seed: int, initial_proportions: np.ndarray
+        self, domain_sizes: Sequence[int], global_batch_size: int, seed: int, initial_proportions: np.ndarray,
+        shard_sizes: Sequence[Sequence[int]] | None = None, shuffle_window: int = 0,
     ) -> None:
         if global_batch_size < 1:
             raise ValueError(f"global batch size must be positive, got {global_batch_size}")
         if any(size < 1 for size in domain_sizes):
             raise ValueError(f"every domain needs at least one sample, got sizes {list(domain_sizes)}")
+        if shuffle_window < 0:
+            raise ValueError(f"shuffle_window must be >= 0 shards, got {shuffle_window}")
+        if shuffle_window and (shard_sizes is None or len(shard_sizes) != len(domain_sizes)):
+            raise ValueError("a shuffle window needs the shard sizes of every domain")
+        self.shuffle_window = shuffle_window
+        self.orders = [] if not shuffle_window else [
+            ShardWindowOrder(sizes, shuffle_window, seed, d) for d, sizes in enumerate(shard_sizes)]  # fmt: skip
+        for d, order in enumerate(self.orders):
+            if order.size != domain_sizes[d]:
+                raise ValueError(f"domain {d}: shard sizes sum to {order.size}, not its {domain_sizes[d]} samples")
         self.domain_sizes = np.asarray(domain_sizes, dtype=np.int64)
         self.global_batch_size = global_batch_size
         self.seed = seed
@@ -150,8 +228,15 @@ class MixturePlan:
         positions = counts[domains] + rank_in_domain
         sizes = self.domain_sizes[domains]
         passes = positions // sizes
+        groups = {(int(d), int(p)) for d, p in zip(domains, passes, strict=True)}
+        if self.orders:
+            indices = np.empty(self.global_batch_size, dtype=np.int64)
+            for domain, domain_pass in groups:
+                where = (domains == domain) & (passes == domain_pass)
+                indices[where] = self.orders[domain].samples(positions[where] % sizes[where], domain_pass)
+            return domains, indices, counts + per_domain
         keys = np.empty((self.global_batch_size, _FEISTEL_ROUNDS), dtype=np.uint64)
-        for domain, domain_pass in {(int(d), int(p)) for d, p in zip(domains, passes, strict=True)}:
+        for domain, domain_pass in groups:
             keys[(domains == domain) & (passes == domain_pass)] = _round_keys(self.seed, domain, domain_pass)
         indices = seeded_permutation(positions % sizes, sizes, keys)
         return domains, indices, counts + per_domain
