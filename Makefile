@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 UV := $(VENV)/bin/uv
 export PYTHONHASHSEED := 0
 
-.PHONY: install test lint demo tiny-assets clean-runs
+.PHONY: install test test-fast lint demo tiny-assets clean-runs
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ install: $(STAMP)
 
 test: install
 	$(PY) -m pytest -q tests
+
+# The inner loop: everything but the multi-process and end-to-end runs (marked `slow`). CI runs `make test`.
+test-fast: install
+	$(PY) -m pytest -q -m "not slow" tests
 
 lint: install
 	$(VENV)/bin/ruff check drpruning scripts tests benchmarks
