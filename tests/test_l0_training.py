@@ -12,13 +12,14 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from composer.algorithms import GradientClipping
+from composer.core import Event
 from transformers import AutoTokenizer
 
 from drpruning.pruning.l0_training import (
-    SplitGradientClipping,
+    PruningGradientClipping,
     average_gradients_,
+    replace_gradient_clipping_,
     replicate_,
-    split_gradient_clipping_,
     split_parameters,
 )
 from drpruning.pruning.masks import L0Module
@@ -82,7 +83,8 @@ def test_meta_l0_module_is_materialised_and_placed():
         assert got.device.type == "cpu" and torch.equal(got, want), name
 
 
-def test_clipping_treats_model_and_l0_norms_apart(tiny_assets):
+@pytest.mark.parametrize("clip_l0", [False, True])
+def test_clipping_covers_the_weights_and_clips_the_l0_module_only_on_request(tiny_assets, clip_l0):
     model = _model(tiny_assets).train()
     batch = _batch()
     model.loss(model(batch), batch)["total"].backward()
@@ -95,28 +97,31 @@ def test_clipping_treats_model_and_l0_norms_apart(tiny_assets):
 
     weight_norm, l0_norm = norm(weights), norm(l0)
     threshold = 0.5 * min(weight_norm, l0_norm)  # both over the threshold, by different factors
-    algorithm = SplitGradientClipping("norm", threshold)
 
     class State:  # what the algorithm reads
-        pass
+        model = None
 
     state = State()
     state.model = model
-    algorithm.apply(__import__("composer").core.Event.AFTER_TRAIN_BATCH, state, None)
-    for params, total in ((weights, weight_norm), (l0, l0_norm)):
-        for p in params:
-            if id(p) in before:
-                torch.testing.assert_close(p.grad, before[id(p)] * (threshold / (total + 1e-6)), rtol=1e-5, atol=0)
+    PruningGradientClipping("norm", threshold, clip_l0).apply(Event.AFTER_TRAIN_BATCH, state, None)
+    for p in weights:
+        if id(p) in before:
+            torch.testing.assert_close(p.grad, before[id(p)] * (threshold / (weight_norm + 1e-6)), rtol=1e-5, atol=0)
+    for p in l0:
+        if id(p) in before:
+            scale = threshold / (l0_norm + 1e-6) if clip_l0 else 1.0
+            torch.testing.assert_close(p.grad, before[id(p)] * scale, rtol=1e-5, atol=0)
 
 
 def test_the_runs_gradient_clipping_is_swapped_in_place():
     class State:
         algorithms = [GradientClipping("norm", 1.0)]
 
-    assert split_gradient_clipping_(State)
+    assert replace_gradient_clipping_(State, clip_l0=True)
     swapped = State.algorithms[0]
-    assert type(swapped) is SplitGradientClipping and (swapped.clipping_type, swapped.clipping_threshold) == ("norm", 1.0)
-    assert not split_gradient_clipping_(State), "swapped once"
+    assert type(swapped) is PruningGradientClipping
+    assert (swapped.clipping_type, swapped.clipping_threshold, swapped.clip_l0) == ("norm", 1.0, True)
+    assert not replace_gradient_clipping_(State), "swapped once"
 
 
 # ---- two ranks (gloo, CPU) ---------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from composer.utils import dist
 
 from drpruning.errors import ConfigError
 from drpruning.pruning.importance import Importance, importance_for_run, write_importance
-from drpruning.pruning.l0_training import average_gradients_, replicate_, split_gradient_clipping_
+from drpruning.pruning.l0_training import average_gradients_, replace_gradient_clipping_, replicate_
 from drpruning.pruning.masks import L0Module
 from drpruning.pruning.shapes import module_sizes
 from drpruning.runs import (
@@ -63,13 +63,17 @@ class PruningCallback(Callback):
         save_masks: write `<run folder>/masks/ba<step>.pt` after every eval: the target-count masks, i.e.
             the architecture an export at that step keeps (whatever `eval_masks` the evals score), and
             `masks/meta.json`. Default true.
+        clip_l0_gradients: the yaml's `gradient_clipping` always clips the model's weights alone; true also
+            clips the gates' and multipliers' gradients, on a norm of their own (the reference's FSDP1
+            behaviour). Default false: Adam alone sets their step (`drpruning/pruning/l0_training.py`).
 
     Logs each train step `metrics/pruning/<stat>/<module>` (expected and target sparsity, the multipliers
     λ1 and λ2) and `metrics/pruning/expected_params`, and after each eval `metrics/eval_masks/*`.
     """
 
-    def __init__(self, save_masks: bool = True):
+    def __init__(self, save_masks: bool = True, clip_l0_gradients: bool = False):
         self.save_masks = save_masks
+        self.clip_l0_gradients = clip_l0_gradients
         self.metadata: dict[str, Any] = {}
         self._l0_groups: list[int] = []  # optimizer param groups of gates and multipliers (group order survives wrapping)
         self._average_l0_gradients = False  # under FSDP, which leaves the L0 module to us (l0_training.py)
@@ -99,7 +103,7 @@ class PruningCallback(Callback):
         if l0.init == "importance":
             self._order_gates(state, model, l0)
         replicate_(l0, state.device.tensor_to_device(torch.empty(0)).device)
-        split_gradient_clipping_(state)
+        replace_gradient_clipping_(state, self.clip_l0_gradients)
 
     def _order_gates(self, state: State, model: Any, l0: L0Module) -> None:
         """Gates ordered by importance (rank 0's pass, broadcast). Its files (`importance.pt`, and
