@@ -57,6 +57,27 @@ LAYERS = {
 }
 
 
+# The top-level modules: leaves (errors, the run folder, atomic writes, safe loading) import almost nothing;
+# the tools over a run (plots, evaluation) read the parts they report on and nothing above them.
+TOP_LEVEL = {
+    "errors": set(), "_lazy": set(), "distributions": {"errors"}, "runs": {"errors"}, "atomic": {"errors"},
+    "safe_load": {"errors"}, "launch": {"errors", "safe_load"}, "metrics_logger": {"runs", "errors"},
+    "plots": {"errors", "runs", "pruning"}, "evaluation": {"errors", "data"},
+    "config_checks": {"errors", "data", "pruning"},
+}
+
+
+@pytest.mark.parametrize("module", sorted(TOP_LEVEL))
+def test_top_level_modules_import_only_what_they_report_on(module: str) -> None:
+    imported = {m.split(".")[1] for m in _drpruning_imports(REPO / "drpruning" / f"{module}.py") if "." in m}
+    assert imported <= TOP_LEVEL[module], f"drpruning/{module}.py imports {sorted(imported - TOP_LEVEL[module])}"
+
+
+def test_every_top_level_module_is_layered() -> None:
+    modules = {p.stem for p in (REPO / "drpruning").glob("*.py")} - {"__init__"}
+    assert modules == set(TOP_LEVEL), sorted(modules ^ set(TOP_LEVEL))
+
+
 @pytest.mark.parametrize("part", sorted(LAYERS))
 def test_imports_point_one_way(part: str) -> None:
     offending = []
