@@ -181,8 +181,8 @@ def test_ordered_gates_keep_the_most_important_units_at_the_uniform_level():
     lagrangian_gap = (ordered()[2]["expected_params"] - uniform()[2]["expected_params"]) / shape.num_params()
     assert abs(float(lagrangian_gap)) < 0.015
     # the size the gates expect (what evals score) starts within a unit per row of the uniform start's
-    for name, kept in L0Module.kept_units(ordered.current_masks()).items():
-        assert L0Module.kept_units(uniform.current_masks())[name] - kept <= 1, name
+    for name, kept in L0Module.mean_kept_per_row(ordered.current_masks()).items():
+        assert L0Module.mean_kept_per_row(uniform.current_masks())[name] - kept <= 1, name
 
 
 def test_ties_go_to_the_lower_index_and_bad_importance_is_rejected():

@@ -91,18 +91,18 @@ def test_current_masks_keep_the_expected_count_per_row_top_by_score():
     assert not torch.equal(masks["intermediate"], l0.target_masks()["intermediate"])
     assert l0.last_target_masks is not None and torch.equal(l0.last_target_masks["head"], l0.target_masks()["head"])
     # rows of one mask keep their own counts: the model that is scored, not a uniform shape
-    assert l0.kept_units(masks)["intermediate"] == pytest.approx(float(masks["intermediate"].sum(-1).mean()))
+    assert l0.mean_kept_per_row(masks)["intermediate"] == pytest.approx(float(masks["intermediate"].sum(-1).mean()))
 
 
 def test_current_masks_with_fresh_gates_are_almost_the_source():
     source = ModelShape.from_hf_config(tiny_config("llama_gqa"))
     l0 = L0Module(source, {"n_layers": 3, "hidden_size": 48, "n_heads": 4, "intermediate_size": 100}, ALL)
-    kept = l0.kept_units(l0.current_masks())
+    kept = l0.mean_kept_per_row(l0.current_masks())
     sizes = {"layer": source.n_layers, "head": source.n_kv_heads, "intermediate": source.intermediate_size,
              "hidden": source.hidden_size}
     for m, size in sizes.items():  # P(z > 0) ≈ 0.998 at the start: at most 0.2 % of the units are left out
         assert size * 0.997 <= kept[m] <= size
-    assert l0.kept_units(l0.target_masks())["intermediate"] == 100
+    assert l0.mean_kept_per_row(l0.target_masks())["intermediate"] == 100
 
 
 def test_eval_masks_option_is_checked():

@@ -97,9 +97,9 @@ def test_first_eval_of_a_pruning_run_scores_the_current_model_not_the_target(tin
     # P(z > 0) = 0.998 at the start: every tiny row keeps all its units, so the logits are the source's.
     assert torch.allclose(current_logits, source_logits, atol=1e-5)
     assert (target_logits - source_logits).abs().max() > 0.1
-    kept = current.l0_module.kept_units(current.last_eval_masks)
+    kept = current.l0_module.mean_kept_per_row(current.last_eval_masks)
     assert kept == {"layer": 4.0, "head": 2.0, "intermediate": 128.0, "hidden": 64.0}
-    assert current.l0_module.kept_units(current.l0_module.last_target_masks)["layer"] == TARGET["n_layers"]
+    assert current.l0_module.mean_kept_per_row(current.l0_module.last_target_masks)["layer"] == TARGET["n_layers"]
 
 
 @pytest.mark.parametrize("value, expected", [(640, 640), ("640ba", 640), ("0ba", 0), (0, 0)])

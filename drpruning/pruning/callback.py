@@ -176,7 +176,7 @@ class PruningCallback(Callback):
             metrics[EVAL_MASKS_PARAMS_KEY] = float(l0.source.num_params())
         else:
             scored = {m: t.detach().float().cpu() for m, t in model.last_eval_masks.items()}
-            metrics = {f"{EVAL_MASKS_KEPT_PREFIX}{m}": kept for m, kept in L0Module.kept_units(scored).items()}
+            metrics = {f"{EVAL_MASKS_KEPT_PREFIX}{m}": kept for m, kept in L0Module.mean_kept_per_row(scored).items()}
             metrics[EVAL_MASKS_PARAMS_KEY] = float(l0.expected_params(scored))
         logger.log_metrics(metrics)
         masks = l0.last_target_masks

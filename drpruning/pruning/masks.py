@@ -202,9 +202,7 @@ class L0Module(nn.Module):
         if not self.training:
             # Cached here, where FSDP has gathered the gates: the pruning callback dumps them after evals.
             self.last_target_masks = self.target_masks()
-            use_target = self.eval_masks == "target" or self.masks_frozen(self.train_step)  # frozen: score the export
-            masks = self.last_target_masks if use_target else self.current_masks()
-            return masks, None, {}
+            return (self.last_target_masks if self._evals_score_target() else self.current_masks()), None, {}
         if self.train_step is None:
             raise RuntimeError(
                 "L0Module.train_step was never set: add the `pruning` callback (callbacks: {pruning: {}}) "
@@ -246,10 +244,14 @@ class L0Module(nn.Module):
         generator.manual_seed(int(key.generate_state(1, np.uint64)[0]))
         return generator
 
+    def _evals_score_target(self) -> bool:
+        """`eval_masks: target`, or the units are fixed (`freeze_masks_at`): evals score the export."""
+        return self.eval_masks == "target" or self.masks_frozen(self.train_step)
+
     @torch.no_grad()
     def deterministic_masks(self) -> dict[str, Tensor]:
-        """The eval-mode masks: `current_masks()` or `target_masks()`, as `eval_masks` says."""
-        return self.current_masks() if self.eval_masks == "current" else self.target_masks()
+        """The eval-mode masks: `target_masks()` or `current_masks()`, as `forward` uses them in eval."""
+        return self.target_masks() if self._evals_score_target() else self.current_masks()
 
     @torch.no_grad()
     def target_masks(self) -> dict[str, Tensor]:
@@ -275,7 +277,7 @@ class L0Module(nn.Module):
         return masks
 
     @staticmethod
-    def kept_units(masks: Mapping[str, Tensor]) -> dict[str, float]:
+    def mean_kept_per_row(masks: Mapping[str, Tensor]) -> dict[str, float]:
         """Mean number of kept units per row of each mask (what a plot of the scored model's size needs)."""
         return {m: float((mask > 0).float().sum(-1).mean()) for m, mask in masks.items()}
 
