@@ -77,19 +77,27 @@ class PruningCallback(Callback):
         self.metadata: dict[str, Any] = {}
         self._l0_groups: list[int] = []  # optimizer param groups of gates and multipliers (group order survives wrapping)
         self._average_l0_gradients = False  # under FSDP, which leaves the L0 module to us (l0_training.py)
+        # Set by the importance pass at INIT, written (and dropped) at FIT_START once the run folder is the run's.
+        self._importance: Importance | None = None
+        self._one_shot_masks: dict[str, torch.Tensor] = {}
 
-    def _l0(self, state: State):
+    @staticmethod
+    def _model(state: State) -> Any:
+        """The pruning model (a `DRPruningCausalLM` with an `l0_module`) inside any DDP wrapper."""
         model = unwrap_model(state.model)
-        l0 = getattr(model, "l0_module", None)
-        if l0 is None:
+        if getattr(model, "l0_module", None) is None:
             raise ConfigError(
                 "the `pruning` callback needs a model with an `l0_module` block (model.name: drpruning_causal_lm); "
                 "remove the callback for continued pretraining"
             )
-        return model, l0
+        return model
+
+    def _l0(self, state: State) -> L0Module:
+        return self._model(state).l0_module
 
     def init(self, state: State, logger: Logger) -> None:
-        model, l0 = self._l0(state)
+        model = self._model(state)
+        l0 = model.l0_module
         l0.noise_seed, l0.noise_rank = int(state.rank_zero_seed), dist.get_global_rank()
         # Saved in every checkpoint (callback state) and next to the masks: what export needs to rebuild shapes.
         self.metadata = {
@@ -112,11 +120,11 @@ class PruningCallback(Callback):
                                         source=self.metadata["source"])  # fmt: skip
         l0.order_gates_(importance.scores)
         self.metadata["importance"] = {"calibration": importance.meta.get("calibration"), "cost": importance.cost()}
-        self._importance: Importance | None = importance
+        self._importance = importance
         self._one_shot_masks = {m: t.detach().cpu() for m, t in l0.target_masks().items()}
 
     def _write_importance(self, state: State) -> None:
-        importance, self._importance = getattr(self, "_importance", None), None
+        importance, self._importance = self._importance, None
         if importance is None or dist.get_global_rank() != 0:
             return
         folder = run_folder(state)
@@ -139,7 +147,7 @@ class PruningCallback(Callback):
             write_json(run_folder(state) / MASKS_DIR / MASKS_META_FILE, self.metadata)
 
     def batch_start(self, state: State, logger: Logger) -> None:
-        l0 = self._l0(state)[1]
+        l0 = self._l0(state)
         l0.train_step = int(state.timestamp.batch)
         if l0.masks_frozen(l0.train_step) and state.optimizers:
             # The LR scheduler recomputes every group's lr after each step; this runs after it, before the next.
@@ -148,26 +156,27 @@ class PruningCallback(Callback):
 
     def after_backward(self, state: State, logger: Logger) -> None:
         if self._average_l0_gradients:
-            average_gradients_(self._l0(state)[1])
+            average_gradients_(self._l0(state))
 
     def after_train_batch(self, state: State, logger: Logger) -> None:
         """The statistics of this step's forward, logged once per batch (after every microbatch, before the
         optimizer step, at the same step as its `loss/train/*`). Every rank holds the same values."""
-        stats = self._l0(state)[0].pruning_stats()
+        stats = self._model(state).pruning_stats()
         if stats is not None:
             logger.log_metrics({PRUNING_METRICS_PREFIX + name: value for name, value in stats.items()
                                 if name not in CONSTANT_STATS})  # fmt: skip
 
     def batch_end(self, state: State, logger: Logger) -> None:
-        self._l0(state)[1].clamp_log_alpha_()
+        self._l0(state).clamp_log_alpha_()
 
     def eval_start(self, state: State, logger: Logger) -> None:
         # Before the first step the target-shape masks are arbitrary (all gates equal): evaluate the source
         # model instead, which is what the run starts from and what `reference_losses: source` must measure.
-        self._l0(state)[0].evaluate_source = int(state.timestamp.batch) == 0
+        self._model(state).evaluate_source = int(state.timestamp.batch) == 0
 
     def eval_after_all(self, state: State, logger: Logger) -> None:
-        model, l0 = self._l0(state)
+        model = self._model(state)
+        l0 = model.l0_module
         step = int(state.timestamp.batch)
         # The size of the model these evals scored (the `eval_masks` choice), so plots can show it.
         if model.evaluate_source or model.last_eval_masks is None:  # all gates open: the source model
