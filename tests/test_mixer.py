@@ -129,12 +129,13 @@ def test_state_size_does_not_grow_with_run_length(data_dir):
 
 @pytest.mark.parametrize("num_workers, prefetch_factor", [(0, None), (2, 1), (2, 2)])
 def test_update_takes_effect_exactly_at_the_declared_batch(data_dir, num_workers, prefetch_factor):
-    dataset = _dataset(data_dir, seed=11, lag=num_workers * (prefetch_factor or 0))
+    lag = num_workers * (prefetch_factor or 0)  # the batches the loader has requested beyond those consumed
+    dataset = _dataset(data_dir, seed=11)
     stream = _loader_batches(dataset, num_workers, prefetch_factor)
     consumed = [next(stream)["domain"] for _ in range(3)]
     effective = dataset.set_proportions([0.0, 0.0, 1.0])
-    assert effective == 3 + dataset.lag
-    consumed += [next(stream)["domain"] for _ in range(dataset.lag + 3)]
+    assert effective == 3 + lag
+    consumed += [next(stream)["domain"] for _ in range(lag + 3)]
 
     planned = _dataset(data_dir, seed=11)
     planned.set_proportions([0.0, 0.0, 1.0], at_batch=effective)

@@ -61,7 +61,6 @@ class DomainMixtureDataset(Dataset):
         proportions: Mapping[str, float] | Sequence[float] | None = None,
         seed: int = 17,
         max_seq_len: int | None = None,
-        lag: int = 0,
         split: str = "train",
         remote: str | None = None,
         shuffle_window: int | None = None,
@@ -75,8 +74,6 @@ class DomainMixtureDataset(Dataset):
         seq_len = int(manifest["seq_len"])
         if max_seq_len is not None:
             check_seq_len(manifest, data_dir, max_seq_len, "domain_mixture")
-        if lag < 0:
-            raise ConfigError(f"lag must be >= 0, got {lag}")
         self.data_dir = Path(data_dir)
         self.domains: list[str] = selected
         self.initial_proportions = (
@@ -87,7 +84,6 @@ class DomainMixtureDataset(Dataset):
         self.max_seq_len = max_seq_len or seq_len
         self.vocab_size = int(manifest["vocab_size"])
         self.manifest = manifest
-        self.lag = lag
         self.seed = seed
         self.remote = remote
         self.readers = [
@@ -263,7 +259,6 @@ def build_domain_mixture_dataloader(
         proportions=proportions,
         seed=seed,
         max_seq_len=max_seq_len,
-        lag=num_workers * prefetch_factor,
         remote=remote,
         shuffle_window=shuffle_window,
         download_timeout=download_timeout,
