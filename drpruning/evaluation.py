@@ -18,13 +18,13 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from streaming import LocalDataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from drpruning.data.checks import check_tokenizer
 from drpruning.data.manifest import load_manifest
 from drpruning.errors import ConfigError, DataDirError, report_error
+from drpruning.losses import next_token_losses
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -52,10 +52,8 @@ def load_domain_sequences(
 @torch.no_grad()
 def sequence_loss_sums(model: PreTrainedModel, tokens: torch.Tensor) -> tuple[float, int]:
     """(summed next-token cross-entropy, predicted tokens) of a batch of full sequences [B, S]."""
-    logits = model(input_ids=tokens, use_cache=False).logits
-    targets = tokens[:, 1:]
-    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), reduction="sum")
-    return float(loss), targets.numel()
+    token_loss, counted = next_token_losses(model(input_ids=tokens, use_cache=False).logits, tokens)
+    return float(token_loss.sum()), int(counted.sum())
 
 
 def _load_model(model_dir: str | Path, device: torch.device, dtype: torch.dtype) -> PreTrainedModel:

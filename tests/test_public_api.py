@@ -50,7 +50,7 @@ def _drpruning_imports(path: Path) -> set[str]:
 # Which parts of the library each part may import: the method's halves and the data they meet do not
 # reach into each other's maths or into export, and nothing in the library imports the demo.
 LAYERS = {
-    "pruning": {"pruning", "data", "errors", "runs", "distributions", "safe_load", "_lazy"},
+    "pruning": {"pruning", "data", "errors", "runs", "distributions", "safe_load", "_lazy", "losses"},
     "data": {"data", "errors", "runs", "distributions", "atomic", "_lazy"},
     "scheduling": {"scheduling", "errors", "runs", "distributions", "_lazy"},
     "export": {"export", "pruning", "errors", "runs", "atomic", "safe_load", "_lazy"},
@@ -60,9 +60,9 @@ LAYERS = {
 # The top-level modules: leaves (errors, the run folder, atomic writes, safe loading) import almost nothing;
 # the tools over a run (plots, evaluation) read the parts they report on and nothing above them.
 TOP_LEVEL = {
-    "errors": set(), "_lazy": set(), "distributions": {"errors"}, "runs": {"errors"}, "atomic": {"errors"},
+    "errors": set(), "_lazy": set(), "losses": set(), "distributions": {"errors"}, "runs": {"errors"}, "atomic": {"errors"},
     "safe_load": {"errors"}, "launch": {"errors", "safe_load"}, "metrics_logger": {"runs", "errors"},
-    "plots": {"errors", "runs", "pruning"}, "evaluation": {"errors", "data"},
+    "plots": {"errors", "runs", "pruning"}, "evaluation": {"errors", "data", "losses"},
     "config_checks": {"errors", "data", "pruning"},
 }
 

@@ -40,6 +40,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel
 
 from drpruning.errors import CalibrationError, UnsafeFileError
+from drpruning.losses import next_token_losses
 from drpruning.pruning.calibration import LAYER_MEASURES, CalibrationConfig, calibration_sequences
 from drpruning.pruning.prunable import decoder_layers
 from drpruning.pruning.shapes import ModelShape
@@ -165,8 +166,8 @@ def _skipped(layer: nn.Module) -> Iterator[None]:
 
 
 def _loss_sum(model: PreTrainedModel, batch: Tensor) -> float:
-    logits = model(input_ids=batch, use_cache=False).logits
-    return float(F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum"))
+    token_loss, _ = next_token_losses(model(input_ids=batch, use_cache=False).logits, batch)
+    return float(token_loss.sum())
 
 
 @contextmanager

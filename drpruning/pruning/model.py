@@ -18,6 +18,7 @@ from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
 from drpruning.errors import ConfigError, ShapeError
+from drpruning.losses import next_token_losses
 from drpruning.pruning.calibration import CalibrationConfig, check_calibration_tokenizer
 from drpruning.pruning.distillation import (
     SOURCE_TEACHER,
@@ -29,8 +30,6 @@ from drpruning.pruning.distillation import (
 from drpruning.pruning.masks import L0Module
 from drpruning.pruning.prunable import make_prunable
 from drpruning.pruning.shapes import ModelShape
-
-IGNORE_INDEX = -100
 
 
 class DomainStats:
@@ -255,11 +254,7 @@ class DRPruningCausalLM(ComposerHFCausalLM):
 
     def loss(self, outputs: Any, batch: Mapping[str, Any]) -> dict[str, Tensor]:
         logits = outputs["logits"]
-        targets = batch["labels"][:, 1:]
-        token_loss = F.cross_entropy(
-            logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
-        ).view_as(targets)
-        token_mask = targets != IGNORE_INDEX
+        token_loss, token_mask = next_token_losses(logits, batch["labels"])
         lm_loss = token_loss.sum() / token_mask.sum().clamp(min=1)
         if "domain" in batch:
             self.domain_stats.add(batch["domain"], token_loss.detach(), token_mask)
