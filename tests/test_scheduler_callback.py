@@ -17,6 +17,7 @@ import torch
 from composer.core import Time
 
 import drpruning.runs
+import drpruning.scheduling.measurement
 import drpruning.scheduling.scheduler
 from drpruning.errors import ConfigError
 from drpruning.scheduling.dro import dro_proportions
@@ -376,6 +377,7 @@ def test_two_ranks_hold_identical_state(tmp_path: Path, monkeypatch: pytest.Monk
 
     fake = FakeDist()
     monkeypatch.setattr(drpruning.scheduling.scheduler, "dist", fake)
+    monkeypatch.setattr(drpruning.scheduling.measurement, "dist", fake)
     monkeypatch.setattr(drpruning.runs, "dist", fake)
     runs = {rank: Run(tmp_path / f"rank{rank}", world_size=2) for rank in (0, 1)}
     callbacks = {rank: scheduler() for rank in (0, 1)}
@@ -391,9 +393,10 @@ def test_two_ranks_hold_identical_state(tmp_path: Path, monkeypatch: pytest.Monk
     single = Run(tmp_path / "single")
     single.folder.mkdir()
     fake.rank = 0
-    monkeypatch.setattr(drpruning.scheduling.scheduler, "dist", SimpleNamespace(
-        get_global_rank=lambda: 0, all_reduce=lambda tensor, reduce_operation="SUM": None,
-        broadcast_object_list=lambda objects, src=0: None))
+    single_dist = SimpleNamespace(get_global_rank=lambda: 0, all_reduce=lambda tensor, reduce_operation="SUM": None,
+                                  broadcast_object_list=lambda objects, src=0: None)
+    monkeypatch.setattr(drpruning.scheduling.scheduler, "dist", single_dist)
+    monkeypatch.setattr(drpruning.scheduling.measurement, "dist", single_dist)
     train(scheduler(), single, 0, MAX_BATCHES, eval_interval=20)
     assert single.schedule_lines() == runs[0].schedule_lines()
 

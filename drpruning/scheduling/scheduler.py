@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 from composer.core import Callback, State, TimeUnit
 from composer.loggers import Logger
 from composer.utils import dist
@@ -26,22 +25,27 @@ from drpruning.distributions import validate_proportions
 from drpruning.errors import ConfigError
 from drpruning.runs import (
     DATA_METRICS_PREFIX,
-    DATA_USAGE_FILE,
     SCHEDULE_FILE,
-    append_jsonl,
     check_run_folder,
     keep_jsonl_lines,
     run_folder,
     start_run_in_folder,
     unwrap_model,
-    write_json,
 )
 from drpruning.scheduling.contracts import DistillingModel, DomainStatsModel, MixtureDataset
+from drpruning.scheduling.measurement import (
+    LossEma,
+    log_schedule_record,
+    read_eval_losses,
+    schedule_record,
+    source_losses,
+    summed_over_ranks,
+    write_data_usage,
+)
 from drpruning.scheduling.policies import Observation, Policy, PolicySettings, make_policy
 
 log = logging.getLogger(__name__)
 
-_EVAL_METRIC = "LanguageCrossEntropy"
 _STATE_VERSION = 1
 # The callback's own yaml keys; every other key is a `PolicySettings` field.
 _SCHEDULER_OPTIONS = ("policy", "update_interval", "loss_source", "reference_losses", "initial_proportions", "ema",
@@ -137,7 +141,7 @@ class DataScheduler(Callback):
         self.policy: Policy | None = None
         self.domains: list[str] = []
         self.max_batches = 0
-        self.loss_ema: list[float | None] = []
+        self.loss_ema = LossEma([], self.ema)
         self.tokens = np.zeros(0)
         self.source_measured = False
         self.last_update_batch = 0
@@ -161,7 +165,7 @@ class DataScheduler(Callback):
         if isinstance(self.reference_losses_config, Mapping):
             reference_losses = self._by_domain(self.reference_losses_config, "reference_losses")
         self.policy = make_policy(self.policy_name, initial, reference_losses, self.policy_settings)
-        self.loss_ema = [None] * len(self.domains)
+        self.loss_ema = LossEma(self.domains, self.ema)
         self.tokens = np.zeros(len(self.domains))
         if self._pending_state is not None:
             self._apply_state(self._pending_state)
@@ -217,14 +221,14 @@ class DataScheduler(Callback):
         """Every batch, on every rank: all-reduce the per-domain statistics (tokens for T, and the EMA)."""
         self._setup(state)
         batch = int(state.timestamp.batch)
-        loss_sums, token_counts = self._take_domain_stats(state)
+        loss_sums, token_counts = summed_over_ranks(*_model(state).domain_stats.take(len(self.domains)))
         self.tokens = self.tokens + token_counts
         self._log_distillation(state, logger)
         if self.loss_source != "train_ema":
             return
-        self._update_ema(loss_sums, token_counts, batch)
+        self.loss_ema.update(loss_sums, token_counts, lambda bad: self._non_finite(bad, batch, "train loss"))
         if batch % self.update_interval == 0:
-            losses = self._ema_losses(batch)
+            losses = self.loss_ema.losses(batch)
             if losses is not None:
                 self._update(state, logger, losses)
 
@@ -233,102 +237,39 @@ class DataScheduler(Callback):
         self._setup(state)
         self._maybe_measure_source(state)
         if self.first_eval_update and self.loss_source == "eval" and int(state.timestamp.batch) == 0:
-            self._update(state, logger, self._read_eval_losses(state))
+            self._update(state, logger, read_eval_losses(state, self.domains))
 
     def eval_after_all(self, state: State, logger: Logger) -> None:
         self._setup(state)
         self._maybe_measure_source(state)
         batch = int(state.timestamp.batch)
         if self.loss_source == "eval" and batch > 0 and batch % self.update_interval == 0:
-            self._update(state, logger, self._read_eval_losses(state))
+            self._update(state, logger, read_eval_losses(state, self.domains))
 
     def fit_end(self, state: State, logger: Logger) -> None:
         """Total data usage per domain (paper Table 3) to the loggers and `<run folder>/data_usage.json`."""
         self._setup(state)
-        total = float(self.tokens.sum())
-        fractions = self.tokens / total if total > 0 else np.zeros_like(self.tokens)
-        metrics = {}
-        for domain, tokens, fraction in zip(self.domains, self.tokens, fractions, strict=True):
-            metrics[f"{DATA_METRICS_PREFIX}{domain}/total_tokens"] = float(tokens)
-            metrics[f"{DATA_METRICS_PREFIX}{domain}/token_fraction"] = float(fraction)
-        logger.log_metrics(metrics)
-        write_json(run_folder(state) / DATA_USAGE_FILE, {
-            "step": int(state.timestamp.batch),
-            "total_tokens": total,
-            "domains": {domain: {"tokens": float(tokens), "fraction": float(fraction)}
-                        for domain, tokens, fraction in zip(self.domains, self.tokens, fractions, strict=True)},
-        })
+        write_data_usage(state, logger, self.domains, self.tokens)
         if self.num_updates == 0:
             log.warning("DataScheduler made no update during this run: check update_interval (%d) against the "
                         "eval interval and max_duration", self.update_interval)
 
     # -------------------------------------------------------------------------------- measurements
-    def _take_domain_stats(self, state: State) -> tuple[np.ndarray, np.ndarray]:
-        loss_sums, token_counts = _model(state).domain_stats.take(len(self.domains))
-        stacked = torch.stack([loss_sums.to(torch.float64), token_counts.to(torch.float64)])
-        dist.all_reduce(stacked, reduce_operation="SUM")
-        stacked = stacked.cpu().numpy()
-        return stacked[0], stacked[1]
-
     def _log_distillation(self, state: State, logger: Logger) -> None:
         """Per-domain training distillation loss of this batch (`model.distillation`), beside the LM losses."""
         model = _model(state)
         if not isinstance(model, DistillingModel) or model.distillation is None:
             return
-        sums, counts = model.distill_stats.take(len(self.domains))
-        stacked = torch.stack([sums.to(torch.float64), counts.to(torch.float64)])
-        dist.all_reduce(stacked, reduce_operation="SUM")
-        sums, counts = stacked.cpu().numpy()
+        sums, counts = summed_over_ranks(*model.distill_stats.take(len(self.domains)))
         logger.log_metrics({f"{DATA_METRICS_PREFIX}{domain}/train_distill_loss": float(total / count)
                             for domain, total, count in zip(self.domains, sums, counts, strict=True) if count > 0})
-
-    def _update_ema(self, loss_sums: np.ndarray, token_counts: np.ndarray, batch: int) -> None:
-        """EMA over the domains that had tokens this batch; the others keep their value."""
-        for index in np.flatnonzero(token_counts > 0):
-            mean = float(loss_sums[index] / token_counts[index])
-            if not np.isfinite(mean):
-                self._non_finite([self.domains[index]], batch, "train loss")
-                continue
-            previous = self.loss_ema[index]
-            self.loss_ema[index] = mean if previous is None else (1.0 - self.ema) * previous + self.ema * mean
-
-    def _ema_losses(self, batch: int) -> np.ndarray | None:
-        """The train-loss EMA of every domain, or None (and a log line) while a domain has had no tokens."""
-        unseen = [domain for domain, value in zip(self.domains, self.loss_ema, strict=True) if value is None]
-        if unseen:
-            log.info("DataScheduler: step %d waits for train losses of domain(s) %s", batch, unseen)
-            return None
-        return np.array(self.loss_ema, dtype=np.float64)
-
-    def _read_eval_losses(self, state: State) -> np.ndarray:
-        """Per-domain eval CE; `compute()` syncs across ranks, so every rank must call this."""
-        losses = []
-        for domain in self.domains:
-            label = f"eval/{domain}"
-            metrics = state.eval_metrics.get(label)
-            if metrics is None or _EVAL_METRIC not in metrics:
-                raise KeyError(f"DataScheduler needs the {_EVAL_METRIC} metric of evaluator '{label}'; found "
-                               f"evaluators {sorted(state.eval_metrics)} (see the drpruning_domain_eval transform)")
-            losses.append(float(metrics[_EVAL_METRIC].compute()))
-        return np.array(losses, dtype=np.float64)
 
     def _maybe_measure_source(self, state: State) -> None:
         if self.reference_losses_config != "source" or self.source_measured:
             return
         assert self.policy is not None
-        batch = int(state.timestamp.batch)
-        losses = self._read_eval_losses(state)
-        bad = [domain for domain, value in zip(self.domains, losses, strict=True) if not np.isfinite(value)]
-        if bad:
-            # Never skipped: a later eval of a half-pruned model would silently become the "source" reference.
-            raise FloatingPointError(f"DataScheduler: non-finite source eval loss for domain(s) {bad} at step "
-                                     f"{batch}; reference_losses: source needs finite losses of the source model")
-        if batch > 0:
-            log.warning("DataScheduler: reference losses taken from the eval at step %d, not from the source "
-                        "model; set eval_first: true to measure the source model", batch)
-        self.policy.set_reference_losses(losses)
+        self.policy.set_reference_losses(source_losses(state, self.domains))
         self.source_measured = True
-        log.info("DataScheduler: source reference losses %s", dict(zip(self.domains, losses.tolist(), strict=True)))
 
     def _non_finite(self, domains: list[str], batch: int, what: str) -> None:
         message = f"DataScheduler: non-finite {what} for domain(s) {domains} at step {batch}"
@@ -348,7 +289,9 @@ class DataScheduler(Callback):
         effective_batch, applied = self._apply(state, decision.proportions)
         self.last_update_batch = batch
         self.num_updates += 1
-        self._log(state, logger, self._schedule_record(batch, effective_batch, losses, decision, applied))
+        record = schedule_record(self.domains, batch, effective_batch, losses, decision.reference_losses,
+                                 decision.reference_ratio, applied, self.tokens, decision.expected_params)
+        log_schedule_record(state, logger, record)
 
     def _ready_to_update(self, batch: int, losses: np.ndarray) -> bool:
         """False (after a log line, or an error under `on_nan: error`) when this update must be skipped."""
@@ -405,34 +348,6 @@ class DataScheduler(Callback):
         effective_batch = int(dataset.set_proportions(np.asarray(proportions, dtype=np.float64)))
         return effective_batch, [float(p) for p in dataset.proportions_at(effective_batch)]
 
-    def _schedule_record(self, batch: int, effective_batch: int, losses: np.ndarray, decision: SharedDecision,
-                         applied: Sequence[float]) -> dict[str, Any]:
-        """One `schedule.jsonl` line; its proportions are the mixer's, exactly what was sampled from."""
-        def by_domain(values: Sequence[float] | None) -> dict[str, float] | None:
-            return None if values is None else dict(zip(self.domains, (float(v) for v in values), strict=True))
-
-        return {
-            "step": batch,
-            "effective_batch": effective_batch,
-            "losses": by_domain(losses.tolist()),
-            "reference_losses": by_domain(decision.reference_losses),
-            "reference_ratio": by_domain(decision.reference_ratio),
-            "proportions": by_domain(applied),
-            "tokens": by_domain(self.tokens.tolist()),
-            "expected_params": decision.expected_params,
-        }
-
-    @staticmethod
-    def _log(state: State, logger: Logger, record: dict[str, Any]) -> None:
-        """The record's per-domain values to the loggers, and the record to `schedule.jsonl` (rank 0 only)."""
-        metrics = {}
-        for key, name in (("losses", "loss"), ("reference_losses", "reference_loss"),
-                          ("reference_ratio", "reference_ratio"), ("proportions", "proportion")):
-            for domain, value in (record[key] or {}).items():
-                metrics[f"{DATA_METRICS_PREFIX}{domain}/{name}"] = value
-        logger.log_metrics(metrics)
-        append_jsonl(run_folder(state) / SCHEDULE_FILE, record)
-
     # --------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
         if self.policy is None:
@@ -441,7 +356,7 @@ class DataScheduler(Callback):
             "version": _STATE_VERSION,
             "domains": list(self.domains),
             "policy": self.policy.state_dict(),
-            "loss_ema": list(self.loss_ema),
+            "loss_ema": list(self.loss_ema.values),
             "tokens": self.tokens.tolist(),
             "source_measured": self.source_measured,
             "last_update_batch": self.last_update_batch,
@@ -464,7 +379,7 @@ class DataScheduler(Callback):
         if list(state["domains"]) != self.domains:
             raise ConfigError(f"checkpoint domains {state['domains']} differ from the mixer's {self.domains}")
         self.policy.load_state_dict(state["policy"])
-        self.loss_ema = [None if value is None else float(value) for value in state["loss_ema"]]
+        self.loss_ema.values = [None if value is None else float(value) for value in state["loss_ema"]]
         self.tokens = np.asarray(state["tokens"], dtype=np.float64)
         self.source_measured = bool(state["source_measured"])
         self.last_update_batch = int(state["last_update_batch"])
