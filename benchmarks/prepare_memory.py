@@ -20,7 +20,8 @@ from pathlib import Path
 CHILD = """
 import json, resource, sys, time
 from pathlib import Path
-from drpruning.data.prepare import load_tokenizer, prepare_data
+from drpruning.data.prepare import prepare_data
+from drpruning.data.tokenize import load_tokenizer
 source, tokenizer, out = sys.argv[1:4]
 load_tokenizer(tokenizer)
 def rss_kib():

@@ -1,5 +1,5 @@
-"""Tokenize and pack per-domain text into MDS train/eval splits (see drpruning/data/prepare.py); with
-`--remote URL`, upload the result there too (see drpruning/data/remote.py).
+"""Tokenize and pack per-domain text into MDS train/eval splits (drpruning/data/prepare.py); with
+`--remote URL`, upload the result there too (drpruning/data/prepare_cli.py, drpruning/data/remote.py).
 
 Example:
     python scripts/prepare_data.py --tokenizer TOKENIZER_DIR --seq-len 256 --eval-sequences 64 \
@@ -8,7 +8,7 @@ Example:
 
 import sys
 
-from drpruning.data.remote import prepare_data_main
+from drpruning.data.prepare_cli import main
 
 if __name__ == "__main__":
-    sys.exit(prepare_data_main())
+    sys.exit(main())

@@ -17,7 +17,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from drpruning.data.manifest import load_manifest
-from drpruning.data.prepare import main as prepare_data_main
+from drpruning.data.prepare_cli import main as prepare_data_main
 from drpruning.demo.tiny import make_tiny_tokenizer, tiny_documents
 from drpruning.errors import ConfigError
 from drpruning.evaluation import main as eval_domains_main

@@ -11,7 +11,8 @@ import pytest
 from streaming import LocalDataset
 
 from drpruning.data.manifest import load_manifest, token_dtype_for_vocab
-from drpruning.data.prepare import main, prepare_data
+from drpruning.data.prepare import prepare_data
+from drpruning.data.prepare_cli import main
 from drpruning.data.sources import resolve_domain_files
 from drpruning.demo.tiny import make_tiny_corpus, make_tiny_tokenizer, tiny_documents
 from drpruning.errors import DataPrepError

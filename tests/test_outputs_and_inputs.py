@@ -14,7 +14,8 @@ import pytest
 from streaming import LocalDataset
 
 from drpruning.atomic import remove_stale_staging, staged_directory
-from drpruning.data.prepare import main as prepare_main, prepare_data
+from drpruning.data.prepare import prepare_data
+from drpruning.data.prepare_cli import main as prepare_main
 from drpruning.demo.tiny import make_tiny_assets, make_tiny_tokenizer
 from drpruning.errors import OutputError
 
@@ -153,7 +154,7 @@ def test_tiny_assets_record_real_paths_and_refuse_a_foreign_folder(tmp_path):
 
 
 def test_long_documents_are_tokenized_in_pieces_with_the_same_tokens(tokenizer, tmp_path, monkeypatch):
-    import drpruning.data.prepare as prepare
+    import drpruning.data.tokenize as prepare
 
     words = ["river", "delta\n", "glacier  ", "x=1;", "\n\nend", "Kernel\t", "übung"]
     rng = np.random.default_rng(0)

@@ -18,12 +18,11 @@ is in both splits).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,7 @@ from typing import Any
 import numpy as np
 from streaming import MDSWriter
 from tqdm import tqdm
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from drpruning.atomic import is_scratch_name, replace_directory, scratch_parent, staged_directory
 from drpruning.data.checks import FINGERPRINT_KEY, tokenizer_fingerprint
@@ -42,13 +41,9 @@ from drpruning.data.manifest import (
     load_manifest,
     token_dtype_for_vocab,
 )
-from drpruning.data.sources import (
-    iter_file_documents,
-    parse_domain_arg,
-    resolve_domain_files,
-    validate_domain_name,
-)
-from drpruning.errors import ConfigError, DataPrepError, report_error
+from drpruning.data.sources import resolve_domain_files, validate_domain_name
+from drpruning.data.tokenize import SequencePacker, load_tokenizer, tokenized_documents
+from drpruning.errors import DataPrepError
 
 # Written into every split's index.json; a remote reader checks each shard it downloads against it
 # (drpruning/data/remote.py), so a damaged copy of the same size is caught. xxh64: fast, and what streaming names it.
@@ -74,137 +69,6 @@ class _DomainResult:
     replaced_surrogates: int = 0
 
 
-def load_tokenizer(tokenizer_dir: str | Path) -> PreTrainedTokenizerBase:
-    """Load a local HF tokenizer directory (never the Hub: prep must be reproducible offline)."""
-    if not Path(tokenizer_dir).is_dir():
-        raise DataPrepError(f"tokenizer directory not found: {tokenizer_dir}")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise DataPrepError(f"cannot load a tokenizer from {tokenizer_dir}: {e}") from e
-    if tokenizer.eos_token_id is None:
-        raise DataPrepError(f"tokenizer {tokenizer_dir} has no EOS token, needed to join documents")
-    return tokenizer
-
-
-class _SequencePacker:
-    """Concatenates token arrays and hands out full `seq_len` sequences; the remainder waits for more."""
-
-    def __init__(self, seq_len: int) -> None:
-        self.seq_len = seq_len
-        self._pending: list[np.ndarray] = []
-        self._pending_tokens = 0
-
-    def add(self, tokens: np.ndarray) -> list[np.ndarray]:
-        self._pending.append(tokens)
-        self._pending_tokens += len(tokens)
-        if self._pending_tokens < self.seq_len:
-            return []
-        stream = np.concatenate(self._pending)
-        full = len(stream) // self.seq_len * self.seq_len
-        rest = stream[full:]
-        self._pending = [rest] if len(rest) else []
-        self._pending_tokens = len(rest)
-        return list(stream[:full].reshape(-1, self.seq_len))
-
-    def discard(self) -> int:
-        """Drop the unfinished sequence and return how many tokens that threw away."""
-        dropped = self._pending_tokens
-        self._pending, self._pending_tokens = [], 0
-        return dropped
-
-
-# A tokenizer call's memory grows with its input (about 150x the text for a fast tokenizer): documents longer
-# than PIECE_CHARS are tokenized in pieces, and a batch holds at most BATCH_CHARS of text, so memory stays
-# bounded whatever the document length (benchmarks/README.md: prepare_data memory).
-PIECE_CHARS = 1 << 20
-BATCH_CHARS = 4 << 20
-
-
-def text_pieces(text: str, size: int = PIECE_CHARS) -> list[str]:
-    """`text` cut into pieces of at most about `size` characters, each cut where whitespace follows a
-    non-space character (a line break when there is one in the last half of the piece).
-
-    Pre-tokenizers of byte-level BPE (GPT-2, Llama 3, Qwen2, SmolLM2) never join a non-space character
-    with the whitespace after it, so the pieces' tokens are exactly the whole text's; a piece with no such
-    place is cut at `size` (a run of `size` characters without a space)."""
-    pieces, start = [], 0
-    while len(text) - start > size:
-        end = start + size
-        cut = -1
-        for separators in ("\n", " \t\r\f\v"):
-            cut = max(i for i in (_last_cut(text, start + size // 2, end, c) for c in separators))
-            if cut > start:
-                break
-        if cut <= start:
-            cut = end
-        pieces.append(text[start:cut])
-        start = cut
-    pieces.append(text[start:])
-    return pieces
-
-
-def _last_cut(text: str, low: int, high: int, char: str) -> int:
-    """The last index i in (low, high] with text[i] == char and text[i - 1] not whitespace, else -1."""
-    i = text.rfind(char, low, high + 1)
-    while i > low:
-        if not text[i - 1].isspace():
-            return i
-        i = text.rfind(char, low, i)
-    return -1
-
-
-def _tokenized_documents(
-    files: Sequence[Path],
-    tokenizer: PreTrainedTokenizerBase,
-    dtype: np.dtype,
-    batch_documents: int,
-    progress: tqdm,
-    counts: dict[str, int],
-) -> Iterator[np.ndarray]:
-    """Token arrays (document + EOS) in file order; tokenizer calls are batched for throughput."""
-    eos = np.array([tokenizer.eos_token_id], dtype=dtype)
-    done_bytes = 0
-    for path in files:
-        batch: list[str] = []
-        position = 0
-        batch_chars = 0
-        for text, position in iter_file_documents(path, counts):
-            if len(text) > PIECE_CHARS:
-                yield from _encode_batch(batch, tokenizer, dtype, eos)
-                batch, batch_chars = [], 0
-                yield _encode_long(text, tokenizer, dtype, eos)
-                progress.update(done_bytes + position - progress.n)
-                continue
-            batch.append(text)
-            batch_chars += len(text)
-            if len(batch) == batch_documents or batch_chars >= BATCH_CHARS:
-                yield from _encode_batch(batch, tokenizer, dtype, eos)
-                batch, batch_chars = [], 0
-                progress.update(done_bytes + position - progress.n)
-        if batch:
-            yield from _encode_batch(batch, tokenizer, dtype, eos)
-        done_bytes += path.stat().st_size
-        progress.update(done_bytes - progress.n)
-
-
-def _encode_long(text: str, tokenizer: PreTrainedTokenizerBase, dtype: np.dtype, eos: np.ndarray) -> np.ndarray:
-    """One long document + EOS, tokenized piece by piece (`text_pieces`)."""
-    parts = [np.asarray(tokenizer(piece, add_special_tokens=False, return_attention_mask=False)["input_ids"],
-                        dtype=dtype) for piece in text_pieces(text, PIECE_CHARS)]  # fmt: skip
-    return np.concatenate([*parts, eos])
-
-
-def _encode_batch(
-    texts: list[str], tokenizer: PreTrainedTokenizerBase, dtype: np.dtype, eos: np.ndarray
-) -> Iterator[np.ndarray]:
-    if not texts:
-        return
-    encoded = tokenizer(texts, add_special_tokens=False, return_attention_mask=False)["input_ids"]
-    for ids in encoded:
-        yield np.concatenate([np.asarray(ids, dtype=dtype), eos])
-
-
 def _write_domain(
     name: str,
     files: list[Path],
@@ -220,7 +84,7 @@ def _write_domain(
     """Pack the domain's token stream; the first `eval_sequences` sequences go to eval, the rest to train."""
     result = _DomainResult(files=files)
     columns = {"tokens": f"ndarray:{dtype.name}"}
-    packer = _SequencePacker(seq_len)
+    packer = SequencePacker(seq_len)
     counts: dict[str, int] = {}
     total_bytes = sum(p.stat().st_size for p in files)
     written = 0  # sequences written so far: stream tokens [0, written * seq_len) are placed
@@ -233,7 +97,7 @@ def _write_domain(
         MDSWriter(out=str(domain_dir / "train"), columns=columns, size_limit=shard_size_limit,
                   hashes=list(SHARD_HASHES)) as train_writer,
     ):
-        for tokens in _tokenized_documents(files, tokenizer, dtype, batch_documents, progress, counts):
+        for tokens in tokenized_documents(files, tokenizer, dtype, batch_documents, progress, counts):
             result.documents += 1
             unplaced_starts.append(stream_tokens)
             stream_tokens += len(tokens)
@@ -436,60 +300,3 @@ def prepare_data(
             json.dump(manifest, f, indent=2)
             f.write("\n")
     return manifest
-
-
-def summary_lines(manifest: Mapping[str, Any]) -> list[str]:
-    """Per domain: tokens in train / eval / dropped (and replaced lone surrogates), for the end of a run."""
-    lines = []
-    for domain in manifest["domains"]:
-        line = (f"{domain['name']}: {domain['train']['tokens']:,} train / {domain['eval']['tokens']:,} eval / "
-                f"{domain['dropped_tokens']:,} dropped tokens ({domain['train']['sequences']:,} + "
-                f"{domain['eval']['sequences']:,} sequences of {manifest['seq_len']} tokens, {domain['files']} "
-                f"file(s), {domain['documents']:,} document(s))")  # fmt: skip
-        if domain.get("replaced_surrogates"):
-            line += f"; replaced {domain['replaced_surrogates']:,} lone surrogate(s) with U+FFFD"
-        lines.append(line)
-        for entry in domain.get("skipped_inputs", []):
-            lines.append(f"{domain['name']}: skipped {entry['path']} ({entry['why']})")
-    return lines
-
-
-def build_arg_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description="Tokenize and pack per-domain text into MDS train/eval splits for the domain_mixture loader.",
-    )
-    parser.add_argument("--tokenizer", required=True, help="local Hugging Face tokenizer folder")
-    parser.add_argument("--seq-len", type=int, required=True, help="tokens per packed sequence")
-    parser.add_argument("--eval-sequences", type=int, required=True, help="held-out sequences per domain")
-    parser.add_argument("--out", required=True, help="output folder (must be empty unless --overwrite)")
-    parser.add_argument(
-        "--domain", action="append", required=True, metavar="NAME=PATH_OR_GLOB",
-        help="a domain and its input (folder, file or glob; repeat a NAME to add inputs); order = domain order",
-    )
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace an earlier prepare_data output in --out (only the files it wrote)")
-    parser.add_argument("--batch-documents", type=int, default=256, help="documents per tokenizer call")
-    parser.add_argument("--shard-size-limit", type=int, default=1 << 26, help="bytes per MDS shard")
-    parser.add_argument("--no-progress", action="store_true", help="disable the progress bars")
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """CLI entry point (scripts/prepare_data.py); returns the process exit code."""
-    args = build_arg_parser().parse_args(argv)
-    try:
-        domains: dict[str, list[str]] = {}
-        for arg in args.domain:
-            name, pattern = parse_domain_arg(arg)
-            domains.setdefault(name, []).append(pattern)
-        manifest = prepare_data(
-            domains, args.tokenizer, args.out, args.seq_len, args.eval_sequences,
-            overwrite=args.overwrite, batch_documents=args.batch_documents,
-            shard_size_limit=args.shard_size_limit, show_progress=not args.no_progress,
-        )
-    except ConfigError as e:
-        return report_error(e, prog="prepare_data")
-    for line in summary_lines(manifest):
-        print(line)
-    print(f"wrote {args.out}")
-    return 0

@@ -10,7 +10,7 @@ filesystem, ...). Readers name it as `remote` and keep `data_dir` as the local c
   process at a time per shard (a file lock: ranks and dataloader workers share the cache), and checked
   against the split's `index.json` (size; hash when the index has one). A later run finds them cached.
 - `upload_prepared` copies a finished local folder to a remote with streaming's `CloudUploader`
-  (`scripts/prepare_data.py --remote URL`).
+  (`scripts/prepare_data.py --remote URL`, `drpruning/data/prepare_cli.py`).
 
 What is read is exactly what a local copy of the folder holds, so the mixer's determinism, bit-exact
 resume and world-size independence do not depend on where the data lives. The cache is not refreshed:
@@ -19,14 +19,12 @@ data re-prepared at the same remote needs a new cache folder.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import fcntl
 import logging
 import os
-import sys
 import urllib.parse
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +35,7 @@ from streaming.base.storage import CloudDownloader, CloudUploader
 from streaming.base.stream import Stream
 
 from drpruning.data.manifest import MANIFEST_NAME
-from drpruning.errors import RemoteDataError, report_error
+from drpruning.errors import RemoteDataError
 
 REMOTE_MARKER = ".remote"
 DEFAULT_DOWNLOAD_TIMEOUT = 60.0
@@ -196,26 +194,3 @@ def upload_prepared(local_dir: str | Path, remote: str) -> list[str]:
     finally:
         streaming_log.setLevel(previous)
     return sent
-
-
-def prepare_data_main(argv: Sequence[str] | None = None) -> int:
-    """scripts/prepare_data.py: data_prep's command line plus `--remote URL`, which uploads the finished
-    `--out` folder there."""
-    from drpruning.data.prepare import build_arg_parser, main
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_arg_parser()
-    parser.add_argument("--remote", metavar="URL", help="after preparing, upload --out to this remote (s3://, "
-                        "gs://, oci://, a shared folder, ... anything mosaicml-streaming writes to)")
-    args = parser.parse_args(argv)  # full usage, --help and argument errors
-    strip = argparse.ArgumentParser(add_help=False)
-    strip.add_argument("--remote")
-    code = main(strip.parse_known_args(argv)[1])
-    if code != 0 or args.remote is None:
-        return code
-    try:
-        sent = upload_prepared(args.out, args.remote)
-    except Exception as error:
-        return report_error(f"upload to {args.remote} failed: {type(error).__name__}: {error}", prog="prepare_data")
-    print(f"uploaded {args.out} to {args.remote} ({len(sent)} files)")
-    return 0
