@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from drpruning.plots import RunData, main, mask_convergence, mask_similarity, metric_curves, plot_run
+from drpruning.plots import main, plot_run
 from drpruning.pruning.shapes import PRUNING_MODULES
+from drpruning.run_data import RunData, mask_convergence, mask_similarity, metric_curves
 
 DOMAINS = ["wiki", "code"]
 MODULES = list(PRUNING_MODULES)

@@ -62,7 +62,8 @@ LAYERS = {
 TOP_LEVEL = {
     "errors": set(), "_lazy": set(), "losses": set(), "distributions": {"errors"}, "runs": {"errors"}, "atomic": {"errors"},
     "safe_load": {"errors"}, "launch": {"errors", "safe_load"}, "metrics_logger": {"runs", "errors"},
-    "plots": {"errors", "runs", "pruning"}, "evaluation": {"errors", "data", "losses"},
+    "run_data": {"runs", "pruning"}, "plots": {"errors", "runs", "run_data"},
+    "evaluation": {"errors", "data", "losses"},
     "config_checks": {"errors", "data", "pruning"},
 }
 
