@@ -29,7 +29,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +42,7 @@ from transformers import PreTrainedModel
 from drpruning.errors import CalibrationError, UnsafeFileError
 from drpruning.losses import next_token_losses
 from drpruning.pruning.calibration import LAYER_MEASURES, CalibrationConfig, calibration_sequences
-from drpruning.pruning.prunable import decoder_layers
+from drpruning.pruning.prunable import decoder_layers, mask_state_of
 from drpruning.pruning.shapes import ModelShape
 from drpruning.runs import IMPORTANCE_FILE, IMPORTANCE_SUMMARY_FILE
 from drpruning.safe_load import load_torch_file
@@ -173,19 +173,15 @@ def _loss_sum(model: PreTrainedModel, batch: Tensor) -> float:
 @contextmanager
 def _calibration_mode(model: PreTrainedModel, device: torch.device) -> Iterator[None]:
     """eval mode, masks off (a prunable model computes the stock forward), on `device`; all restored after."""
-    masks = getattr(model, "_drpruning_masks", None)
-    saved_masks = dict(vars(masks)) if masks is not None else None
-    if masks is not None:
-        masks.clear()
+    masks = mask_state_of(model)
     original = next(model.parameters()).device
     was_training = model.training
     model.eval().to(device)
     try:
-        yield
+        with masks.off() if masks is not None else nullcontext():
+            yield
     finally:
         model.to(original).train(was_training)
-        if masks is not None:
-            vars(masks).update(saved_masks)
 
 
 def pass_device(model: PreTrainedModel, requested: str | None = None) -> torch.device:

@@ -12,7 +12,8 @@ The LM head reads the final norm's output, which is already × hidden, so hidden
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
@@ -46,6 +47,14 @@ class MaskedRMSNorm(nn.Module):
         return out if hidden is None else out * hidden.to(out.dtype)
 
 
+MASK_STATE_ATTRIBUTE = "_drpruning_masks"  # where make_prunable leaves a model's MaskState
+
+
+def mask_state_of(model: nn.Module) -> MaskState | None:
+    """The `MaskState` that `make_prunable` installed on `model`, or None for a stock model."""
+    return getattr(model, MASK_STATE_ATTRIBUTE, None)
+
+
 class MaskState:
     """The masks of the current forward, as the hooks need them (per-layer vectors, precomputed once)."""
 
@@ -59,6 +68,16 @@ class MaskState:
         self.query_heads: Tensor | None = None  # [L, H]
         self.intermediate: Tensor | None = None  # [L, F]
         self.output_scale: Tensor | None = None  # [L, d] or [L, 1]
+
+    @contextmanager
+    def off(self) -> Iterator[None]:
+        """Masks cleared inside (the model computes the stock forward), the current ones restored after."""
+        saved = dict(vars(self))
+        self.clear()
+        try:
+            yield
+        finally:
+            vars(self).update(saved)
 
     def set(self, masks: Mapping[str, Tensor]) -> None:
         """Take masks {layer [L], head [L, K], intermediate [L, F], hidden [d]}; missing ones mean 'keep all'."""
@@ -87,8 +106,8 @@ def make_prunable(model: PreTrainedModel, shape: ModelShape) -> MaskState:
 
     With no masks set (`state.clear()`), the model computes exactly what the stock HF model computes.
     """
-    if getattr(model, "_drpruning_masks", None) is not None:
-        return model._drpruning_masks
+    if (existing := mask_state_of(model)) is not None:
+        return existing
     state = MaskState(shape)
     decoder = model.get_decoder()
     decoder.embed_tokens.register_forward_hook(_scale_output(lambda: state.hidden))
@@ -103,7 +122,7 @@ def make_prunable(model: PreTrainedModel, shape: ModelShape) -> MaskState:
     for norm in norms:
         norm.__class__ = MaskedRMSNorm
         norm.hidden_masks = state
-    model._drpruning_masks = state
+    setattr(model, MASK_STATE_ATTRIBUTE, state)
     return state
 
 
