@@ -294,15 +294,8 @@ def test_composer_checkpoint_resume_replays_the_same_batches(data_dir, tmp_path)
 @pytest.fixture(scope="module")
 def sharded_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Three domains of many small shards (1 KB: about a dozen 32-token samples each)."""
-    from drpruning.data.prepare import prepare_data
-    from drpruning.demo.tiny import make_tiny_corpus
-
-    root = tmp_path_factory.mktemp("sharded")
-    make_tiny_tokenizer(root / "tokenizer")
-    files = make_tiny_corpus(root / "corpus", n_domains=3, docs_per_domain=40)
-    prepare_data({name: str(path) for name, path in files.items()}, root / "tokenizer", root / "mds",
-                 seq_len=32, eval_sequences=4, shard_size_limit=1024, show_progress=False)
-    return root / "mds"
+    return make_tiny_mds(tmp_path_factory.mktemp("sharded"), n_domains=3, seq_len=32, eval_sequences=4,
+                         docs_per_domain=40, shard_size_limit=1024)
 
 
 def _shard_of(dataset: DomainMixtureDataset, domain: int, samples: np.ndarray) -> np.ndarray:
@@ -358,14 +351,8 @@ def test_a_checkpoint_of_another_shuffle_window_is_refused_by_name(sharded_dir):
 
 def test_a_twelve_step_remote_run_fetches_at_most_four_times_the_bytes_it_uses(tmp_path):
     """The issue's check: 12 global batches of 8 from a remote of 2 KB shards (64-token sequences)."""
-    from drpruning.data.prepare import prepare_data
-    from drpruning.demo.tiny import make_tiny_corpus
-
-    make_tiny_tokenizer(tmp_path / "tokenizer")
-    files = make_tiny_corpus(tmp_path / "corpus", n_domains=4, docs_per_domain=150)
-    remote = tmp_path / "remote"
-    prepare_data({name: str(path) for name, path in files.items()}, tmp_path / "tokenizer", remote, seq_len=64,
-                 eval_sequences=4, shard_size_limit=2048, show_progress=False)  # fmt: skip
+    remote = make_tiny_mds(tmp_path / "prepared", n_domains=4, seq_len=64, eval_sequences=4, docs_per_domain=150,
+                           shard_size_limit=2048)
 
     def fetched_per_used(cache: Path, **kwargs) -> float:
         dataset = DomainMixtureDataset(cache, GLOBAL_BATCH, seed=17, remote=str(remote), **kwargs)

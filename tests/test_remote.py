@@ -24,9 +24,8 @@ from drpruning.data.mixer import (
     DomainMixtureDataset,
     collate_mixture_batch,
 )
-from drpruning.data.prepare import prepare_data
 from drpruning.data.remote import CachedSplit, fetch_manifest, upload_prepared
-from drpruning.demo.tiny import make_tiny_corpus, make_tiny_tokenizer
+from drpruning.demo.tiny import make_tiny_mds
 from drpruning.errors import RemoteDataError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,12 +36,8 @@ DOMAINS = ["prose", "code", "math"]
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A prepared folder with several small shards per split, so on-demand downloads are visible."""
-    root = tmp_path_factory.mktemp("remote")
-    make_tiny_tokenizer(root / "tokenizer")
-    files = make_tiny_corpus(root / "corpus", n_domains=3, docs_per_domain=40)
-    prepare_data({name: str(path) for name, path in files.items()}, root / "tokenizer", root / "mds",
-                 seq_len=SEQ_LEN, eval_sequences=6, shard_size_limit=1024, show_progress=False)
-    return root / "mds"
+    return make_tiny_mds(tmp_path_factory.mktemp("remote"), n_domains=3, seq_len=SEQ_LEN, eval_sequences=6,
+                         docs_per_domain=40, shard_size_limit=1024)
 
 
 @pytest.fixture()

@@ -157,11 +157,13 @@ def make_tiny_mds(
     eval_sequences: int = 8,
     docs_per_domain: int = 200,
     installed_at: str | Path | None = None,
+    shard_size_limit: int = 1 << 26,
 ) -> Path:
     """Tokenizer, corpus and prepared MDS set under `root` (`tokenizer/`, `corpus/`, `mds/`); returns `mds/`.
 
     One call gives tests and CPU recipes a complete `domain_mixture` / `domain_eval` data folder.
     `installed_at`: where `root` will be once renamed (the manifest records the paths there).
+    `shard_size_limit`: bytes per MDS shard (small values give many shards, as remote-data tests need).
     """
     root_path = Path(root)
     make_tiny_tokenizer(root_path / "tokenizer")
@@ -172,6 +174,7 @@ def make_tiny_mds(
         root_path / "mds",
         seq_len=seq_len,
         eval_sequences=eval_sequences,
+        shard_size_limit=shard_size_limit,
         overwrite=True,
         show_progress=False,
         relocate=None if installed_at is None else (root_path.resolve(), Path(installed_at).resolve()),
