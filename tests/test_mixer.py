@@ -362,9 +362,13 @@ def test_a_twelve_step_remote_run_fetches_at_most_four_times_the_bytes_it_uses(t
         for batch in batches:
             for key in batch:
                 used += dataset[key]["input_ids"].numel() * 2  # uint16 tokens
+        if dataset.shard_cache is not None:
+            dataset.shard_cache.wait()  # what the look-ahead fetched counts too
         fetched = sum(p.stat().st_size for p in cache.rglob("shard.*.mds"))
+        assert fetched == sum(r.fetched_bytes for r in dataset.readers)
         return fetched / used
 
-    windowed = fetched_per_used(tmp_path / "cache")  # the remote default
+    windowed = fetched_per_used(tmp_path / "cache")  # the remote default, with its look-ahead
     assert windowed <= 4.0, windowed
+    assert fetched_per_used(tmp_path / "cache-no-look-ahead", predownload=0) <= windowed
     assert fetched_per_used(tmp_path / "cache-whole", shuffle_window=0) > 4.0, "the whole-domain order reads far more"

@@ -22,6 +22,7 @@ from composer.core import DataSpec
 from composer.utils import dist
 from llmfoundry.data.utils import get_tokens_per_batch_func
 from streaming import LocalDataset
+from streaming.base.util import bytes_to_int
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from transformers import PreTrainedTokenizerBase
 
@@ -35,6 +36,7 @@ from drpruning.data.remote import (
     fetch_manifest,
     join_remote,
 )
+from drpruning.data.shard_cache import RECENT_BATCHES, ShardCache
 from drpruning.distributions import proportions_in_domain_order
 from drpruning.errors import ConfigError
 
@@ -43,6 +45,8 @@ STATE_FORMAT_VERSION = 2
 REMOTE_SHUFFLE_WINDOW = 4
 """Shards per window of a domain's sample order when the data is remote (mixture_plan.py): a run downloads
 each shard once per pass and holds at most this many unfinished shards per domain."""
+PREDOWNLOAD_BATCHES = 8
+"""Default look-ahead with a remote, in global batches: the samples of about the next 8 steps."""
 BATCHES_PER_EPOCH = 1 << 40
 """Length of the single epoch: far beyond any run, so Composer never reaches an epoch boundary."""
 
@@ -66,6 +70,8 @@ class DomainMixtureDataset(Dataset):
         shuffle_window: int | None = None,
         download_timeout: float = DEFAULT_DOWNLOAD_TIMEOUT,
         download_retry: int = DEFAULT_DOWNLOAD_RETRY,
+        predownload: int | None = None,
+        cache_limit: int | str | None = None,
     ) -> None:
         if remote is not None:
             fetch_manifest(remote, data_dir, download_timeout)
@@ -100,6 +106,32 @@ class DomainMixtureDataset(Dataset):
         self.plan = MixturePlan([len(r) for r in self.readers], global_batch_size, seed, self.initial_proportions,
                                 shard_sizes=[[shard.samples for shard in r.shards] for r in self.readers],
                                 shuffle_window=shuffle_window)  # fmt: skip
+        self.predownload = _check_predownload(predownload, remote, global_batch_size)
+        limit = _check_cache_limit(cache_limit, remote, shuffle_window, self.predownload, global_batch_size,
+                                   self.readers)
+        self.shard_cache = ShardCache(self.readers, limit) if self.predownload or limit is not None else None
+        self._looked_ahead_to = np.zeros(len(selected), dtype=np.int64)  # per domain: positions planned ahead
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "shard_cache": None}  # dataloader workers read; the sampling process prefetches
+
+    def look_ahead(self, batch: int, domains: np.ndarray, indices: np.ndarray, counts_after: np.ndarray) -> None:
+        """After global batch `batch` (`domains`, `indices`): prefetch the shards of the next `predownload`
+        samples, shared among the domains by the proportions in force, and keep the cache within its limit
+        (remote data only). With shard windows, whole windows: cheap to plan, and a window's samples are
+        spread over all its shards; without, the shards of each sample not planned before."""
+        if self.shard_cache is None:
+            return
+        in_use = [reader.shards_of(indices[domains == d]) for d, reader in enumerate(self.readers)]
+        horizon = counts_after + np.ceil(self.predownload * self.plan.proportions_at(batch)).astype(np.int64)
+        if self.shuffle_window:
+            upcoming = [self.plan.upcoming_shards(d, counts_after[d], horizon[d]) for d in range(len(self.readers))]
+        else:
+            first = np.maximum(counts_after, self._looked_ahead_to)
+            self._looked_ahead_to = np.maximum(horizon, self._looked_ahead_to)
+            upcoming = [reader.shards_of(self.plan.domain_samples(d, np.arange(first[d], horizon[d])))
+                        for d, reader in enumerate(self.readers)]  # fmt: skip
+        self.shard_cache.update(in_use, upcoming)
 
     @property
     def global_batch_size(self) -> int:
@@ -152,6 +184,48 @@ class DomainMixtureDataset(Dataset):
         self.plan.load_state_dict(obj)
 
 
+def _check_predownload(predownload: int | None, remote: str | None, global_batch_size: int) -> int:
+    if remote is None:
+        if predownload:
+            raise ConfigError("train_loader.predownload needs a remote: a local folder has nothing to download")
+        return 0
+    if predownload is None:
+        return PREDOWNLOAD_BATCHES * global_batch_size
+    if isinstance(predownload, bool) or not isinstance(predownload, int) or predownload < 0:
+        raise ConfigError(f"predownload must be a number of samples >= 0, got {predownload!r}")
+    return predownload
+
+
+def _check_cache_limit(cache_limit: int | str | None, remote: str | None, shuffle_window: int, predownload: int,
+                       global_batch_size: int, readers: Sequence[Any]) -> int | None:
+    """The limit in bytes; refused where it cannot hold what the next batches read."""
+    if cache_limit is None:
+        return None
+    if remote is None:
+        raise ConfigError("train_loader.cache_limit needs a remote: a local folder is not a cache")
+    if shuffle_window == 0:
+        raise ConfigError("train_loader.cache_limit needs shuffle_window > 0: the whole-domain order reads every "
+                          "shard of a domain in every stretch of the run, so no shard could be evicted for long")
+    try:
+        limit = bytes_to_int(cache_limit)
+    except (ValueError, TypeError) as error:
+        raise ConfigError(f"cache_limit must be bytes as an int or a string such as '10gb', got {cache_limit!r}") \
+            from error
+    # Per domain, each at the largest shard size: the windows that the batches the loader may still be reading
+    # and the look-ahead span, plus the window either side of them.
+    needed = 0
+    for reader in readers:
+        sizes = [reader.shard_bytes(i) for i in range(len(reader.shards))]
+        per_window = max(1, len(reader) * shuffle_window // len(sizes))
+        spanned = -(-(RECENT_BATCHES * global_batch_size + predownload) // per_window)
+        needed += max(sizes) * shuffle_window * (2 + spanned)
+    if limit < needed:
+        raise ConfigError(f"cache_limit {cache_limit!r} ({limit} bytes) cannot hold the shards the next batches read: "
+                          f"at least {needed} bytes for these domains, shuffle_window {shuffle_window} and "
+                          f"predownload {predownload}")
+    return limit
+
+
 class DomainBatchSampler(DistributedSampler):
     """Yields this rank's slice of each global batch as (domain, index) pairs, from the plan's resume point.
 
@@ -187,6 +261,7 @@ class DomainBatchSampler(DistributedSampler):
         for batch in range(start, start + BATCHES_PER_EPOCH):
             plan.next_batch = batch + 1
             domains, indices, counts = plan.global_batch(batch, counts)
+            self.dataset.look_ahead(batch, domains, indices, counts)
             rank_slots = slice(first_slot, first_slot + self.device_batch_size)
             yield list(zip(domains[rank_slots].tolist(), indices[rank_slots].tolist(), strict=True))
 
@@ -220,6 +295,8 @@ def build_domain_mixture_dataloader(
     shuffle_window: int | None = None,
     download_timeout: float = DEFAULT_DOWNLOAD_TIMEOUT,
     download_retry: int = DEFAULT_DOWNLOAD_RETRY,
+    predownload: int | None = None,
+    cache_limit: int | str | None = None,
 ) -> DataSpec:
     """LLM-Foundry dataloader builder (`train_loader: {name: domain_mixture, ...}`).
 
@@ -244,6 +321,11 @@ def build_domain_mixture_dataloader(
             local disk), 4 with `remote` (set it explicitly to read a local copy in the remote's order).
         download_timeout, download_retry: seconds per shard download and retries after a failed one
             (streaming's names; with `remote` only).
+        predownload: with `remote`, samples looked ahead of the stream (shared among the domains by their
+            proportions): their shards are downloaded by a background thread before the step reads them
+            (drpruning/data/shard_cache.py). Default 8 global batches; 0 downloads on first read only.
+        cache_limit: with `remote`, most bytes of shards kept in `data_dir` (an int or streaming's "10gb"
+            form): the least recently used shards no upcoming batch needs are removed. Default: no limit.
     """
     if download_timeout <= 0 or download_retry < 0:
         raise ConfigError(f"need download_timeout > 0 and download_retry >= 0, got {download_timeout}, {download_retry}")
@@ -263,6 +345,8 @@ def build_domain_mixture_dataloader(
         shuffle_window=shuffle_window,
         download_timeout=download_timeout,
         download_retry=download_retry,
+        predownload=predownload,
+        cache_limit=cache_limit,
     )
     if tokenizer is not None:
         check_tokenizer(dataset.manifest, data_dir, tokenizer, "domain_mixture")

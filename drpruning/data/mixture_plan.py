@@ -39,14 +39,6 @@ def _mix64(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint64(31))
 
 
-@functools.lru_cache(maxsize=1024)
-def _round_keys(seed: int, domain: int, domain_pass: int) -> np.ndarray:
-    """Feistel keys of one pass over one domain: a fresh permutation per pass, independent of other seeds."""
-    keys = np.random.SeedSequence([seed, 1, domain, domain_pass]).generate_state(_FEISTEL_ROUNDS, np.uint64)
-    keys.flags.writeable = False  # shared through the cache
-    return keys
-
-
 def seeded_permutation(positions: np.ndarray, sizes: int | np.ndarray, keys: np.ndarray) -> np.ndarray:
     """Image of each `positions[i]` (in [0, sizes[i])) under a keyed bijection of [0, sizes[i]).
 
@@ -130,6 +122,13 @@ class ShardWindowOrder:
         # Empty shards start where the next one does; `side="right"` lands on the last shard with that start,
         # the one that holds the position.
         return self.shard_starts[order[slot]] + (moved - starts[slot])
+
+    def window_shards(self, first: int, last: int, domain_pass: int) -> np.ndarray:
+        """The shards (file order), in the order they are read, of the windows that in-pass positions
+        `first`..`last` fall in: a window's samples are spread over all its shards, so it needs all of them."""
+        order, _, window_starts = self._pass(domain_pass)
+        w0, w1 = np.searchsorted(window_starts, [first, last], side="right") - 1
+        return order[w0 * self.window : (w1 + 1) * self.window]
 
 
 class MixturePlan:
@@ -226,20 +225,35 @@ class MixturePlan:
         rank_in_domain = np.empty(self.global_batch_size, dtype=np.int64)
         rank_in_domain[slot_order] = np.arange(self.global_batch_size) - np.repeat(first_slot, per_domain)
         positions = counts[domains] + rank_in_domain
-        sizes = self.domain_sizes[domains]
-        passes = positions // sizes
-        groups = {(int(d), int(p)) for d, p in zip(domains, passes, strict=True)}
-        if self.orders:
-            indices = np.empty(self.global_batch_size, dtype=np.int64)
-            for domain, domain_pass in groups:
-                where = (domains == domain) & (passes == domain_pass)
-                indices[where] = self.orders[domain].samples(positions[where] % sizes[where], domain_pass)
-            return domains, indices, counts + per_domain
-        keys = np.empty((self.global_batch_size, _FEISTEL_ROUNDS), dtype=np.uint64)
-        for domain, domain_pass in groups:
-            keys[(domains == domain) & (passes == domain_pass)] = _round_keys(self.seed, domain, domain_pass)
-        indices = seeded_permutation(positions % sizes, sizes, keys)
+        indices = np.empty(self.global_batch_size, dtype=np.int64)
+        for domain in np.unique(domains):
+            where = domains == domain
+            indices[where] = self.domain_samples(int(domain), positions[where])
         return domains, indices, counts + per_domain
+
+    def domain_samples(self, domain: int, positions: np.ndarray) -> np.ndarray:
+        """Sample index of the k-th sample ever taken from `domain`, for each k in `positions` (any pass)."""
+        positions = np.asarray(positions, dtype=np.int64)
+        size = int(self.domain_sizes[domain])
+        passes, in_pass = positions // size, positions % size
+        out = np.empty(len(positions), dtype=np.int64)
+        for domain_pass in np.unique(passes):
+            where = passes == domain_pass
+            if self.orders:
+                out[where] = self.orders[domain].samples(in_pass[where], int(domain_pass))
+            else:
+                out[where] = seeded_permutation(in_pass[where], size, _keys(self.seed, 1, domain, int(domain_pass)))
+        return out
+
+    def upcoming_shards(self, domain: int, start: int, stop: int) -> np.ndarray:
+        """With shard windows: the shards that positions [start, stop) of `domain` read, first needed first."""
+        if not self.orders:
+            raise ValueError("only a plan with a shuffle window knows its shards")
+        size, parts = int(self.domain_sizes[domain]), []
+        for domain_pass in range(start // size, (stop - 1) // size + 1) if stop > start else ():
+            lo, hi = max(start, domain_pass * size), min(stop, (domain_pass + 1) * size) - 1
+            parts.append(self.orders[domain].window_shards(lo % size, hi % size, domain_pass))
+        return np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
 
     def _remember_counts(self, batch: int, counts: np.ndarray) -> None:
         self._recent_counts[batch] = counts.copy()

@@ -6,9 +6,10 @@ filesystem, ...). Readers name it as `remote` and keep `data_dir` as the local c
 
 - `fetch_manifest` copies `manifest.json` into the cache once and pins the cache to that remote;
 - `CachedSplit` is streaming's `LocalDataset` over the cached split whose shards are downloaded on first
-  access, through streaming's own `Stream.prepare_shard` (its downloaders, retries, decompression), one
-  process at a time per shard (a file lock: ranks and dataloader workers share the cache), and checked
-  against the split's `index.json` (size; hash when the index has one). A later run finds them cached.
+  access or ahead of it (`shard_cache.py`), through streaming's own `Stream.prepare_shard` (its
+  downloaders, retries, decompression), one process or thread at a time per shard (a file lock: ranks,
+  dataloader workers and prefetch threads share the cache), and checked against the split's `index.json`
+  (size; hash when the index has one). A later run finds them cached.
 - `upload_prepared` copies a finished local folder to a remote with streaming's `CloudUploader`
   (`scripts/prepare_data.py --remote URL`, `drpruning/data/prepare_cli.py`).
 
@@ -23,11 +24,13 @@ import contextlib
 import fcntl
 import logging
 import os
+import threading
 import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from streaming.base.format import get_index_basename
 from streaming.base.hashing import get_hash
 from streaming.base.local import LocalDataset
@@ -41,6 +44,20 @@ REMOTE_MARKER = ".remote"
 DEFAULT_DOWNLOAD_TIMEOUT = 60.0
 DEFAULT_DOWNLOAD_RETRY = 2
 
+
+
+_downloaders = threading.local()
+
+
+def _thread_downloader(remote: str) -> CloudDownloader:
+    """One streaming downloader per thread and storage scheme, shared by every split. A downloader is not
+    safe across threads (a retry drops its client), and making one per split is slow: an S3 client takes
+    a few hundred ms of CPU to build."""
+    cache = _downloaders.__dict__.setdefault("by_scheme", {})
+    scheme = urllib.parse.urlparse(remote).scheme
+    if scheme not in cache:
+        cache[scheme] = CloudDownloader.get(remote)
+    return cache[scheme]
 
 
 def join_remote(remote: str, *parts: str) -> str:
@@ -101,14 +118,17 @@ def fetch_manifest(remote: str, data_dir: str | Path, timeout: float = DEFAULT_D
 class CachedSplit(LocalDataset):
     """Streaming's map-style `LocalDataset` over one remote MDS split, cached locally shard by shard.
 
-    The split's index.json is fetched at construction; each shard when a sample of it is first read.
+    The split's index.json is fetched at construction; each shard when a sample of it is first read, or
+    earlier by `fetch` (drpruning/data/shard_cache.py prefetches from a thread). A shard removed from the
+    cache (`evict`, possibly by another process sharing it) is fetched again when next read.
     """
 
     def __init__(self, remote: str, local: str | Path, split: str,
                  download_timeout: float = DEFAULT_DOWNLOAD_TIMEOUT, download_retry: int = DEFAULT_DOWNLOAD_RETRY):
         self.remote_dir = join_remote(remote, split)
-        self.stream = Stream(remote=remote, local=str(local), split=split, download_timeout=download_timeout,
-                             download_retry=download_retry, keep_zip=False)
+        self._stream_settings = {"remote": remote, "local": str(local), "split": split, "keep_zip": False,
+                                 "download_timeout": download_timeout, "download_retry": download_retry}
+        self._streams = threading.local()
         index = Path(local) / split / get_index_basename()
         with _locked(index.with_name(f".{index.name}.lock")):
             if not index.is_file():
@@ -116,14 +136,69 @@ class CachedSplit(LocalDataset):
         super().__init__(local=str(local), split=split)
         for shard in self.shards:
             shard.validate(allow_unsafe_types=False)
+        self._shard_ends = np.cumsum([shard.samples for shard in self.shards])
         self._ready: set[int] = set()
+        self._count_lock = threading.Lock()
+        self.fetched_bytes = 0
+        """Bytes of the shards this process downloaded (shards found in the cache count nothing)."""
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        del state["_streams"], state["_count_lock"]  # dataloader workers make their own
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._streams, self._count_lock = threading.local(), threading.Lock()
+
+    @property
+    def stream(self) -> Stream:
+        """Streaming's `Stream` for this split, one per thread, with the thread's downloader (below)."""
+        if not hasattr(self._streams, "stream"):
+            stream = Stream(**self._stream_settings)
+            stream._downloader = _thread_downloader(self.remote_dir)  # streaming 0.12 keeps it there
+            self._streams.stream = stream
+        return self._streams.stream
+
+    def shards_of(self, sample_ids: np.ndarray) -> np.ndarray:
+        """The shard that holds each sample."""
+        return np.searchsorted(self._shard_ends, np.asarray(sample_ids, dtype=np.int64), side="right")
+
+    def shard_bytes(self, shard_id: int) -> int:
+        """Bytes the shard takes in the cache."""
+        return sum(raw.bytes for raw, _ in self.shards[shard_id].file_pairs)
+
+    def is_ready(self, shard_id: int) -> bool:
+        return shard_id in self._ready
 
     def get_item(self, sample_id: int) -> dict[str, Any]:
         shard_id, index_in_shard = self.spanner[sample_id]
+        for attempt in range(2):
+            if shard_id not in self._ready:
+                self.fetch(shard_id)
+            try:
+                return self.shards[shard_id][index_in_shard]
+            except FileNotFoundError:  # evicted since it was fetched (by this process or another one)
+                self._ready.discard(shard_id)
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
+
+    def fetch(self, shard_id: int) -> None:
+        """Make the shard's files present and checked in the cache (a no-op for a shard already there)."""
         if shard_id not in self._ready:
             self._fetch_shard(shard_id)
             self._ready.add(shard_id)
-        return self.shards[shard_id][index_in_shard]
+
+    def evict(self, shard_id: int) -> None:
+        """Remove the shard's files from the cache (readers fetch it again when they need it)."""
+        shard = self.shards[shard_id]
+        local_dir = Path(self.local) / self.split
+        first = shard.file_pairs[0][1] or shard.file_pairs[0][0]
+        self._ready.discard(shard_id)
+        with _locked(local_dir / f".{first.basename}.lock"):
+            for raw, _ in shard.file_pairs:
+                (local_dir / raw.basename).unlink(missing_ok=True)
 
     def _fetch_shard(self, shard_id: int) -> None:
         """Download the shard unless a complete copy is cached, and check it against the index."""
@@ -149,6 +224,9 @@ class CachedSplit(LocalDataset):
                     path.unlink(missing_ok=True)
                     raise RemoteDataError(f"shard {name} is corrupt: {problem} (its {get_index_basename()} "
                                           f"in {self.remote_dir} disagrees)")
+            if fresh:
+                with self._count_lock:
+                    self.fetched_bytes += self.shard_bytes(shard_id)
 
     @staticmethod
     def _mismatch(path: Path, info: Any, check_hash: bool) -> str | None:

