@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from drpruning.pruning.shapes import PRUNING_MODULES
+from drpruning.pruning.shapes import PRUNING_MODULES, UNIT_COUNT_KEYS
 from drpruning.runs import (
     DATA_USAGE_FILE,
     MASKS_DIR,
@@ -32,8 +32,7 @@ LAMBDA_1 = PRUNING_METRICS_PREFIX + "lambda_1/"
 LAMBDA_2 = PRUNING_METRICS_PREFIX + "lambda_2/"
 LM_LOSS = TRAIN_LOSS_PREFIX + "lm_loss"
 LAGRANGIAN_LOSS = TRAIN_LOSS_PREFIX + "lagrangian_loss"
-SOURCE_SIZE_KEYS = {"layer": "n_layers", "head": "n_kv_heads", "intermediate": "intermediate_size",
-                    "hidden": "hidden_size"}
+SOURCE_SIZE_KEYS = UNIT_COUNT_KEYS  # the key of each module's unit count in a recorded source shape
 MASK_FILE = re.compile(r"^ba(\d+)\.pt$")
 
 Curve = tuple[np.ndarray, np.ndarray]  # (steps, values)

@@ -33,6 +33,9 @@ MODELS = {
     "llama_gqa_tied_biases": ("llama_gqa", {"tie_word_embeddings": True, "attention_bias": True, "mlp_bias": True}),
     "qwen2_tied": ("qwen2", {}),
     "qwen2_untied": ("qwen2", {"tie_word_embeddings": False}),
+    "mistral": ("mistral", {}),
+    "qwen3_tied": ("qwen3", {}),
+    "qwen3_biases_untied": ("qwen3", {"attention_bias": True, "tie_word_embeddings": False}),
 }
 SUBSETS = [s for n in range(1, 5) for s in itertools.combinations(PRUNING_MODULES, n)]
 KEEP = {"layer": 3, "intermediate": 80, "hidden": 40}
@@ -129,7 +132,7 @@ def test_export_equals_masked_forward(source_models, masked_models, model_name, 
         n_heads=kv_heads * shape.heads_per_group, n_kv_heads=kv_heads, head_dim=shape.head_dim,
         intermediate_size=KEEP["intermediate"] if "intermediate" in modules else shape.intermediate_size,
         vocab_size=shape.vocab_size, tie_embeddings=shape.tie_embeddings and not (soft and "hidden" in modules),
-        qkv_bias=shape.qkv_bias, o_bias=shape.o_bias, mlp_bias=shape.mlp_bias,
+        qkv_bias=shape.qkv_bias, o_bias=shape.o_bias, mlp_bias=shape.mlp_bias, head_norms=shape.head_norms,
     )  # fmt: skip
     assert ModelShape.from_hf_config(dense.config) == expected
     assert sum(p.numel() for p in dense.parameters()) == expected.num_params()

@@ -18,6 +18,9 @@ CASES = [
     ("llama_gqa", {"tie_word_embeddings": True, "attention_bias": True, "mlp_bias": True}),
     ("qwen2", {}),
     ("qwen2", {"tie_word_embeddings": False}),
+    ("mistral", {}),
+    ("qwen3", {}),
+    ("qwen3", {"attention_bias": True, "tie_word_embeddings": False}),
 ]
 
 
@@ -91,6 +94,9 @@ def _slice_by_hand(model, masks: dict[str, torch.Tensor], shape: ModelShape):
                 if getattr(s.self_attn, name).bias is not None:
                     getattr(d.self_attn, name).bias.copy_(getattr(s.self_attn, name).bias[rows])
             d.self_attn.o_proj.weight.copy_(s.self_attn.o_proj.weight[hid][:, q_rows])
+            for name in ("q_norm", "k_norm"):  # Qwen3: over head_dim, shared by the heads
+                if hasattr(s.self_attn, name):
+                    getattr(d.self_attn, name).weight.copy_(getattr(s.self_attn, name).weight)
             if s.self_attn.o_proj.bias is not None:
                 d.self_attn.o_proj.bias.copy_(s.self_attn.o_proj.bias[hid])
             for name in ("gate_proj", "up_proj"):

@@ -17,9 +17,11 @@ from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
     LlamaConfig,
+    MistralConfig,
     PretrainedConfig,
     PreTrainedTokenizerFast,
     Qwen2Config,
+    Qwen3Config,
 )
 
 from drpruning.atomic import refuse_foreign_folder, staged_directory
@@ -184,11 +186,12 @@ def make_tiny_mds(
 
 # ---- tiny random source models ---------------------------------------------------------------------------
 
-TINY_KINDS = ("llama_mha", "llama_gqa", "qwen2")
+TINY_KINDS = ("llama_mha", "llama_gqa", "qwen2", "mistral", "qwen3")
 
 
 def tiny_config(kind: str, vocab_size: int = 512, **overrides: Any) -> PretrainedConfig:
-    """A 4-layer, d=64 decoder. `llama_gqa`: 8 heads / 2 KV groups; `qwen2`: q/k/v biases, tied embeddings."""
+    """A 4-layer, d=64 decoder. `llama_gqa`: 8 heads / 2 KV groups; `qwen2`: q/k/v biases, tied embeddings;
+    `mistral`: 2 KV groups; `qwen3`: 2 KV groups, q/k norms over head_dim, tied embeddings."""
     common: dict[str, Any] = dict(
         vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
         num_attention_heads=8, head_dim=16, max_position_embeddings=512, rms_norm_eps=1e-6,
@@ -200,6 +203,12 @@ def tiny_config(kind: str, vocab_size: int = 512, **overrides: Any) -> Pretraine
         config = LlamaConfig(**{**common, "num_key_value_heads": 2, "tie_word_embeddings": False, **overrides})
     elif kind == "qwen2":
         config = Qwen2Config(**{**common, "num_key_value_heads": 2, "tie_word_embeddings": True,
+                                 "sliding_window": None, **overrides})
+    elif kind == "mistral":
+        config = MistralConfig(**{**common, "num_key_value_heads": 2, "tie_word_embeddings": False,
+                                   "sliding_window": None, **overrides})
+    elif kind == "qwen3":
+        config = Qwen3Config(**{**common, "num_key_value_heads": 2, "tie_word_embeddings": True,
                                  "sliding_window": None, **overrides})
     else:
         raise ValueError(f"unknown tiny model kind {kind!r}; choose from {TINY_KINDS}")

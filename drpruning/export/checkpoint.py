@@ -133,7 +133,8 @@ def load_pruning_checkpoint(checkpoint_or_run_dir: str | Path) -> PruningCheckpo
     l0_description = description["l0"]
     config = _source_config(description, state)
     shape = ModelShape.from_hf_config(config)
-    if dataclasses.asdict(shape) != l0_description["source_shape"]:
+    recorded = {"head_norms": 0, **l0_description["source_shape"]}  # written before Qwen3: no head norms
+    if dataclasses.asdict(shape) != recorded:
         raise ExportError(f"the HF config's shape {dataclasses.asdict(shape)} differs from the pruning "
                           f"description's source shape {l0_description['source_shape']}")  # fmt: skip
 

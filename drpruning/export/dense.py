@@ -8,6 +8,7 @@ folded into the weights that produce or consume the masked activation:
   the final norm, which already carries h, so its weight is only sliced (h is applied once there).
 - layer: o_proj / down_proj rows and biases. head: o_proj input columns of the group's query heads.
   intermediate: down_proj input columns.
+The names are Llama's; each family's own come from `drpruning/pruning/architectures.py`.
 With tied embeddings and a non-1 hidden value the embedding cannot carry h for its input use and not for
 its output use, so only then the LM head is written separately and `tie_word_embeddings` turned off.
 
@@ -30,8 +31,8 @@ from transformers import PreTrainedModel
 
 from drpruning.errors import ExportError
 from drpruning.pruning.masks import L0Module
-from drpruning.pruning.prunable import make_prunable
-from drpruning.pruning.shapes import PRUNING_MODULES, ModelShape
+from drpruning.pruning.prunable import architecture_of, make_prunable, unit_modules
+from drpruning.pruning.shapes import PRUNING_MODULES, ModelShape, mask_shapes
 
 # The export check: max |Δlogits| ≤ VERIFY_ATOL + VERIFY_RTOL · max |logits|. The relative term is needed on
 # real weights: fp32 itself is that noisy there (SmolLM2-135M, 30 layers, logits up to ~34: the masked fp32
@@ -75,12 +76,7 @@ def kept_units(shape: ModelShape, masks: Mapping[str, Tensor]) -> KeptUnits:
     unknown = sorted(set(masks) - set(PRUNING_MODULES))
     if unknown:
         raise ExportError(f"unknown masks {unknown}; masks are named {list(PRUNING_MODULES)}")
-    expected = {
-        "layer": (shape.n_layers,),
-        "head": (shape.n_layers, shape.n_kv_heads),
-        "intermediate": (shape.n_layers, shape.intermediate_size),
-        "hidden": (shape.hidden_size,),
-    }
+    expected = mask_shapes(shape)
     for name, mask in masks.items():
         if tuple(mask.shape) != expected[name]:
             raise ExportError(f"{name} mask has shape {tuple(mask.shape)}; this model needs {expected[name]}")
@@ -153,7 +149,7 @@ def prune_to_dense(
     else:
         _assign(dense.get_output_embeddings(), "weight", model.get_output_embeddings().weight[:, hid].clone())
 
-    g, hd = shape.heads_per_group, shape.head_dim
+    g, hd, arch = shape.heads_per_group, shape.head_dim, architecture_of(model)
     for new_index, (layer, kv, units) in enumerate(zip(kept.layers, kept.kv_heads, kept.intermediate, strict=True)):
         src, dst = source_decoder.layers[layer], dense_decoder.layers[new_index]
         out_scale = hidden_values * _value(masks.get("layer"), layer)
@@ -163,15 +159,17 @@ def prune_to_dense(
         head_cols = _values(None if "head" not in masks else masks["head"][layer], kv).repeat_interleave(g * hd)
         unit_cols = _values(None if "intermediate" not in masks else masks["intermediate"][layer], units)
 
-        for name, rows in (("q_proj", q_rows), ("k_proj", kv_rows), ("v_proj", kv_rows)):
-            _copy_linear(getattr(src.self_attn, name), getattr(dst.self_attn, name), rows=rows, cols=hid)
-        _copy_linear(src.self_attn.o_proj, dst.self_attn.o_proj, rows=hid, cols=q_rows,
-                     row_scale=out_scale, col_scale=head_cols)  # fmt: skip
-        for name in ("gate_proj", "up_proj"):
-            _copy_linear(getattr(src.mlp, name), getattr(dst.mlp, name), rows=units, cols=hid)
-        _copy_linear(src.mlp.down_proj, dst.mlp.down_proj, rows=hid, cols=units,
-                     row_scale=out_scale, col_scale=unit_cols)  # fmt: skip
-        for name in ("input_layernorm", "post_attention_layernorm"):
+        src_attention, src_mlp, src_out, src_ffn_out = unit_modules(arch, src)
+        dst_attention, dst_mlp, dst_out, dst_ffn_out = unit_modules(arch, dst)
+        for name, rows in zip(arch.query_key_value, (q_rows, kv_rows, kv_rows), strict=True):
+            _copy_linear(getattr(src_attention, name), getattr(dst_attention, name), rows=rows, cols=hid)
+        _copy_linear(src_out, dst_out, rows=hid, cols=q_rows, row_scale=out_scale, col_scale=head_cols)
+        for name in arch.head_norms:  # over head_dim, shared by every head: unchanged
+            _assign(getattr(dst_attention, name), "weight", getattr(src_attention, name).weight.detach().clone())
+        for name in arch.ffn_in:
+            _copy_linear(getattr(src_mlp, name), getattr(dst_mlp, name), rows=units, cols=hid)
+        _copy_linear(src_ffn_out, dst_ffn_out, rows=hid, cols=units, row_scale=out_scale, col_scale=unit_cols)
+        for name in arch.hidden_norms:
             _assign(getattr(dst, name), "weight", _fold(getattr(src, name).weight[hid], rows=hidden_values))
 
     left = [name for name, param in dense.named_parameters() if param.device.type == "meta"]

@@ -42,7 +42,7 @@ from transformers import PreTrainedModel
 from drpruning.errors import CalibrationError, UnsafeFileError
 from drpruning.losses import next_token_losses
 from drpruning.pruning.calibration import LAYER_MEASURES, CalibrationConfig, calibration_sequences
-from drpruning.pruning.prunable import decoder_layers, mask_state_of
+from drpruning.pruning.prunable import architecture_of, decoder_layers, mask_state_of, unit_modules
 from drpruning.pruning.shapes import ModelShape
 from drpruning.runs import IMPORTANCE_FILE, IMPORTANCE_SUMMARY_FILE
 from drpruning.safe_load import load_torch_file
@@ -113,10 +113,10 @@ def _hooks(model: PreTrainedModel, shape: ModelShape, sums: _Sums) -> Iterator[N
     group_width = shape.heads_per_group * shape.head_dim
     handles = []
 
-    def head_hook(index: int, o_proj: nn.Linear) -> Callable:
+    def head_hook(index: int, attention_out: nn.Linear) -> Callable:
         def hook(module: nn.Module, args: tuple[Tensor, ...]) -> None:
             x = args[0].flatten(0, -2).float()
-            weight = o_proj.weight.float()
+            weight = attention_out.weight.float()
             for group in range(shape.n_kv_heads):
                 cols = slice(group * group_width, (group + 1) * group_width)
                 sums.head[index, group] += (x[:, cols] @ weight[:, cols].T).double().pow(2).sum()
@@ -139,15 +139,15 @@ def _hooks(model: PreTrainedModel, shape: ModelShape, sums: _Sums) -> Iterator[N
 
         return hook
 
-    decoder = model.get_decoder()
+    decoder, arch = model.get_decoder(), architecture_of(model)
     try:
         handles.append(decoder.norm.register_forward_hook(norm_hook))
         for index, layer in enumerate(decoder_layers(model)):
-            o_proj = layer.self_attn.o_proj
-            handles.append(o_proj.register_forward_pre_hook(head_hook(index, o_proj)))
-            handles.append(layer.mlp.down_proj.register_forward_pre_hook(unit_hook(index)))
-            handles.append(layer.input_layernorm.register_forward_hook(norm_hook))
-            handles.append(layer.post_attention_layernorm.register_forward_hook(norm_hook))
+            _, _, attention_out, ffn_out = unit_modules(arch, layer)
+            handles.append(attention_out.register_forward_pre_hook(head_hook(index, attention_out)))
+            handles.append(ffn_out.register_forward_pre_hook(unit_hook(index)))
+            for name in arch.hidden_norms:
+                handles.append(getattr(layer, name).register_forward_hook(norm_hook))
             handles.append(layer.register_forward_hook(block_hook(index)))
         yield
     finally:
@@ -234,8 +234,9 @@ def compute_importance(
                     drops.append(sum(_loss_sum(model, batch) for batch in batches))
             passes += shape.n_layers
             layer = (torch.tensor(drops, dtype=torch.float64) - full_loss) / predicted
+        arch = architecture_of(model)
         down_norms = torch.stack([
-            block.mlp.down_proj.weight.detach().double().pow(2).sum(0) for block in decoder_layers(model)
+            unit_modules(arch, block)[3].weight.detach().double().pow(2).sum(0) for block in decoder_layers(model)
         ])  # fmt: skip
         scores = {
             "layer": layer,

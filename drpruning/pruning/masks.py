@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from drpruning.errors import ShapeError
-from drpruning.pruning.shapes import PRUNING_MODULES, ModelShape, module_sizes, target_shape
+from drpruning.pruning.shapes import PRUNING_MODULES, ModelShape, mask_shapes, module_sizes, target_shape
 
 STRETCH_LOW, STRETCH_HIGH = -0.1, 1.1
 TEMPERATURE = 2.0 / 3.0
@@ -135,12 +135,11 @@ class L0Module(nn.Module):
         # the model that is exported.
         self.freeze_masks_at = freeze_masks_at
 
-        sizes, target_sizes = module_sizes(source), module_sizes(self.target)
-        rows = {"layer": (), "head": (source.n_layers,), "intermediate": (source.n_layers,), "hidden": ()}
+        sizes, target_sizes, shapes = module_sizes(source), module_sizes(self.target), mask_shapes(source)
         self.keep = {m: target_sizes[m] for m in self.pruning_modules}
         self.final_sparsity = {m: 1.0 - target_sizes[m] / sizes[m] for m in self.pruning_modules}
         self.gates = nn.ParameterDict({
-            m: nn.Parameter(torch.empty(*rows[m], sizes[m], dtype=torch.float32)) for m in self.pruning_modules
+            m: nn.Parameter(torch.empty(*shapes[m], dtype=torch.float32)) for m in self.pruning_modules
         })
         # The paper starts both multipliers at 0. A stiff start (init_lambda_2 ~ 1e3) stops the min-max
         # game winding up when the budget is short (docs/results.md, "The Lagrangian controller").

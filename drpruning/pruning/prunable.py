@@ -1,4 +1,4 @@
-"""Masked forward for stock Hugging Face Llama / Qwen2 decoders.
+"""Masked forward for stock Hugging Face decoders of the families in `architectures.py`.
 
 Instead of re-implementing the decoder, masks enter through forward hooks on the HF modules and a
 masked RMSNorm swapped in place, so parameter names, attention kernels (SDPA, flash), RoPE and the
@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 
+from drpruning.pruning.architectures import Architecture, architecture
 from drpruning.pruning.shapes import ModelShape
 
 
@@ -101,6 +102,16 @@ def decoder_layers(model: PreTrainedModel) -> nn.ModuleList:
     return model.get_decoder().layers
 
 
+def architecture_of(model: PreTrainedModel) -> Architecture:
+    return architecture(getattr(model.config, "model_type", None))
+
+
+def unit_modules(arch: Architecture, layer: nn.Module) -> tuple[nn.Module, nn.Module, nn.Linear, nn.Linear]:
+    """(attention, MLP, attention output projection, FFN output projection) of one decoder layer."""
+    attention, mlp = getattr(layer, arch.attention), getattr(layer, arch.mlp)
+    return attention, mlp, getattr(attention, arch.attention_out), getattr(mlp, arch.ffn_out)
+
+
 def make_prunable(model: PreTrainedModel, shape: ModelShape) -> MaskState:
     """Install the masked forward on `model` in place and return the `MaskState` that drives it.
 
@@ -109,16 +120,17 @@ def make_prunable(model: PreTrainedModel, shape: ModelShape) -> MaskState:
     if (existing := mask_state_of(model)) is not None:
         return existing
     state = MaskState(shape)
+    arch = architecture_of(model)
     decoder = model.get_decoder()
-    decoder.embed_tokens.register_forward_hook(_scale_output(lambda: state.hidden))
+    model.get_input_embeddings().register_forward_hook(_scale_output(lambda: state.hidden))
     norms = [decoder.norm]
     for index, layer in enumerate(decoder_layers(model)):
-        norms += [layer.input_layernorm, layer.post_attention_layernorm]
-        attention, mlp = layer.self_attn, layer.mlp
-        attention.o_proj.register_forward_pre_hook(_mask_heads(state, index, shape.n_heads, shape.head_dim))
-        attention.o_proj.register_forward_hook(_scale_output(lambda i=index: _row(state.output_scale, i)))
-        mlp.down_proj.register_forward_pre_hook(_scale_input(lambda i=index: _row(state.intermediate, i)))
-        mlp.down_proj.register_forward_hook(_scale_output(lambda i=index: _row(state.output_scale, i)))
+        norms += [getattr(layer, name) for name in arch.hidden_norms]
+        _, _, attention_out, ffn_out = unit_modules(arch, layer)
+        attention_out.register_forward_pre_hook(_mask_heads(state, index, shape.n_heads, shape.head_dim))
+        attention_out.register_forward_hook(_scale_output(lambda i=index: _row(state.output_scale, i)))
+        ffn_out.register_forward_pre_hook(_scale_input(lambda i=index: _row(state.intermediate, i)))
+        ffn_out.register_forward_hook(_scale_output(lambda i=index: _row(state.output_scale, i)))
     for norm in norms:
         norm.__class__ = MaskedRMSNorm
         norm.hidden_masks = state

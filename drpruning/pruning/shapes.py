@@ -1,4 +1,4 @@
-"""Decoder shapes: what a Llama / Qwen2 model looks like, what a pruning target may be, and exact sizes.
+"""Decoder shapes: what a Llama-family model looks like, what a pruning target may be, and exact sizes.
 
 A pruning target is a smaller *stock* architecture (uniform across layers), so the pruned model is a
 plain Hugging Face config. Everything here is pure Python so it can validate yamls without weights.
@@ -11,9 +11,14 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from drpruning.errors import ShapeError
+from drpruning.pruning.architectures import architecture
 
 PRUNING_MODULES = ("layer", "head", "intermediate", "hidden")
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
+UNIT_COUNT_KEYS = {"layer": "n_layers", "head": "n_kv_heads", "intermediate": "intermediate_size",
+                   "hidden": "hidden_size"}
+"""The `ModelShape` field that counts each module's units (a KV group is one `head` unit)."""
+PER_LAYER_MODULES = ("head", "intermediate")
+"""Modules whose mask has one row per layer."""
 TARGET_KEYS = ("n_layers", "hidden_size", "n_heads", "n_kv_heads", "intermediate_size")
 
 
@@ -33,6 +38,8 @@ class ModelShape:
     qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False
+    head_norms: int = 0
+    """Norm weights over head_dim per layer (Qwen3's q_norm and k_norm: 2): unchanged by pruning."""
 
     @property
     def heads_per_group(self) -> int:
@@ -40,18 +47,13 @@ class ModelShape:
 
     @classmethod
     def from_hf_config(cls, config: Any) -> ModelShape:
-        """Read the shape of a `LlamaConfig` / `Qwen2Config` (or their dict form)."""
+        """Read the shape of a supported HF config (`architectures.py`), or of its dict form."""
         get = config.get if isinstance(config, Mapping) else lambda k, d=None: getattr(config, k, d)
-        model_type = get("model_type")
-        if model_type not in SUPPORTED_MODEL_TYPES:
-            raise ShapeError(
-                f"unsupported model_type {model_type!r}: drpruning prunes {', '.join(SUPPORTED_MODEL_TYPES)}"
-            )
+        arch = architecture(get("model_type"))
         hidden, heads = int(get("hidden_size")), int(get("num_attention_heads"))
         kv_heads = int(get("num_key_value_heads") or heads)
         if heads % kv_heads:
             raise ShapeError(f"num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}")
-        attention_bias = bool(get("attention_bias", False))
         return cls(
             n_layers=int(get("num_hidden_layers")),
             hidden_size=hidden,
@@ -61,9 +63,10 @@ class ModelShape:
             intermediate_size=int(get("intermediate_size")),
             vocab_size=int(get("vocab_size")),
             tie_embeddings=bool(get("tie_word_embeddings", False)),
-            qkv_bias=model_type == "qwen2" or attention_bias,
-            o_bias=model_type == "llama" and attention_bias,
-            mlp_bias=model_type == "llama" and bool(get("mlp_bias", False)),
+            qkv_bias=arch.has_bias("qkv", get),
+            o_bias=arch.has_bias("out", get),
+            mlp_bias=arch.has_bias("mlp", get),
+            head_norms=len(arch.head_norms),
         )
 
     def hf_config_updates(self) -> dict[str, int]:
@@ -92,6 +95,7 @@ class ModelShape:
         dims, with this model's head_dim, heads per group and biases: attention + MLP + two norms."""
         hd, g = self.head_dim, self.heads_per_group
         attention = kv_groups * (dims * hd * (2 * g + 2) + self.qkv_bias * hd * (g + 2)) + self.o_bias * dims
+        attention = attention + self.head_norms * hd
         mlp = 3 * dims * units + self.mlp_bias * (2 * units + dims)
         return attention + mlp + 2 * dims
 
@@ -160,12 +164,13 @@ def target_shape(source: ModelShape, target: Mapping[str, Any], pruning_modules:
 
 def module_sizes(shape: ModelShape) -> dict[str, int]:
     """Units per mask row for each pruning module (a KV group is one `head` unit)."""
-    return {
-        "layer": shape.n_layers,
-        "head": shape.n_kv_heads,
-        "intermediate": shape.intermediate_size,
-        "hidden": shape.hidden_size,
-    }
+    return {module: getattr(shape, key) for module, key in UNIT_COUNT_KEYS.items()}
+
+
+def mask_shapes(shape: ModelShape) -> dict[str, tuple[int, ...]]:
+    """The shape of each module's mask: one row per layer for the per-layer modules, one row otherwise."""
+    sizes = module_sizes(shape)
+    return {m: (shape.n_layers, sizes[m]) if m in PER_LAYER_MODULES else (sizes[m],) for m in PRUNING_MODULES}
 
 
 def _positive_int(key: str, value: Any) -> int:
