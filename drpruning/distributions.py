@@ -1,4 +1,5 @@
-"""Mixture proportions over domains: the one check that a vector is a distribution, and the domain-keyed form.
+"""Mixture proportions over domains: the one check that a vector is a distribution, and the one reading of a
+domain-keyed map into domain order.
 
 Neutral ground for the mixer (which samples from proportions) and the scheduling policies (which compute
 them), so neither imports the other's module.
@@ -32,19 +33,24 @@ def validate_proportions(values: Sequence[float] | np.ndarray, num_domains: int 
     return array
 
 
+def in_domain_order(values: Mapping[str, float], domains: Sequence[str], name: str = "proportions") -> np.ndarray:
+    """A `{domain: value}` map as a float64 vector in `domains` order; every domain exactly once."""
+    unknown = sorted(set(values) - set(domains))
+    if unknown:
+        raise ConfigError(f"{name} names unknown domain(s) {unknown}; known domains: {list(domains)}")
+    missing = [d for d in domains if d not in values]
+    if missing:
+        raise ConfigError(f"{name} misses domain(s) {missing}; give one value for each of {list(domains)}")
+    return np.array([float(values[d]) for d in domains], dtype=np.float64)
+
+
 def proportions_in_domain_order(
     proportions: Mapping[str, float] | Sequence[float] | np.ndarray, domains: Sequence[str]
 ) -> np.ndarray:
     """Proportions (a mapping by domain or a vector in `domains` order) as a float64 vector in `domains`
     order, normalised exactly; bad input raises `ConfigError`."""
     if isinstance(proportions, Mapping):
-        unknown = sorted(set(proportions) - set(domains))
-        if unknown:
-            raise ConfigError(f"proportions name unknown domain(s) {unknown}; known domains: {list(domains)}")
-        missing = [d for d in domains if d not in proportions]
-        if missing:
-            raise ConfigError(f"proportions miss domain(s) {missing}; give one value for each of {list(domains)}")
-        values = np.array([float(proportions[d]) for d in domains], dtype=np.float64)
+        values = in_domain_order(proportions, domains)
     else:
         values = np.asarray(proportions, dtype=np.float64).reshape(-1)
         if len(values) != len(domains):

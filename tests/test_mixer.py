@@ -205,7 +205,7 @@ def test_registered_in_foundry_and_checks_the_tokenizer(data_dir, tmp_path):
         ({"proportions": [1.2, -0.1, -0.1]}, "non-negative"),
         ({"proportions": [0.3, 0.3, 0.3]}, "must sum to 1"),
         ({"proportions": {"prose": 0.5, "poetry": 0.5}}, "unknown domain"),
-        ({"proportions": {"prose": 0.5, "code": 0.5}}, r"miss domain\(s\) \['math'\]"),
+        ({"proportions": {"prose": 0.5, "code": 0.5}}, r"misses domain\(s\) \['math'\]"),
         ({"max_seq_len": 64}, "max_seq_len 64 exceeds the prepared seq_len 32"),
         ({"max_seq_len": 24}, "max_seq_len 24 is shorter than the seq_len 32 .* only the first 24 tokens"),
     ],

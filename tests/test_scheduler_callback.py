@@ -420,10 +420,10 @@ def test_config_errors_at_construction(overrides: dict[str, Any], message: str) 
 
 @pytest.mark.parametrize(("overrides", "message"), [
     ({"reference_losses": {**REFERENCE, "arxiv": 1.4}}, r"unknown domain\(s\) \['arxiv'\]"),
-    ({"reference_losses": {"cc": 2.3, "github": 1.2}}, r"missing domain\(s\) \['wiki'\]"),
+    ({"reference_losses": {"cc": 2.3, "github": 1.2}}, r"misses domain\(s\) \['wiki'\]"),
     ({"initial_proportions": [0.5, 0.5]}, "2 entries but there are 3 domains"),
     ({"initial_proportions": [0.5, 0.3, 0.1]}, "sum to 1"),
-    ({"initial_proportions": {"cc": 0.5, "github": 0.5}}, r"missing domain\(s\) \['wiki'\]"),
+    ({"initial_proportions": {"cc": 0.5, "github": 0.5}}, r"misses domain\(s\) \['wiki'\]"),
 ])
 def test_config_errors_against_the_mixer(tmp_path: Path, overrides: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):

@@ -54,7 +54,7 @@ def test_domain_keyed_mappings_on_the_command_line_replace_the_recipes(own_data)
     assert scheduler.reference_losses_config == {"news": 2.0, "snippets": 1.0}
     # A plain merge (what llmfoundry's train_from_yaml does) adds the recipe's domains to yours.
     merged = om.to_container(om.merge(om.load(PAPER), om.from_cli(overrides)), resolve=True)
-    with pytest.raises(ConfigError, match="proportions name unknown domain"):
+    with pytest.raises(ConfigError, match="proportions names unknown domain"):
         DomainMixtureDataset(own_data, global_batch_size=8, proportions=merged["train_loader"]["proportions"])
 
 

@@ -21,7 +21,7 @@ from composer.core import Callback, State, TimeUnit
 from composer.loggers import Logger
 from composer.utils import dist
 
-from drpruning.distributions import validate_proportions
+from drpruning.distributions import in_domain_order, validate_proportions
 from drpruning.errors import ConfigError
 from drpruning.runs import (
     DATA_METRICS_PREFIX,
@@ -163,7 +163,7 @@ class DataScheduler(Callback):
         initial = self._resolve_initial_proportions(dataset)
         reference_losses = None
         if isinstance(self.reference_losses_config, Mapping):
-            reference_losses = self._by_domain(self.reference_losses_config, "reference_losses")
+            reference_losses = in_domain_order(self.reference_losses_config, self.domains, "reference_losses")
         self.policy = make_policy(self.policy_name, initial, reference_losses, self.policy_settings)
         self.loss_ema = LossEma(self.domains, self.ema)
         self.tokens = np.zeros(len(self.domains))
@@ -191,19 +191,11 @@ class DataScheduler(Callback):
             return validate_proportions(dataset.initial_proportions, len(self.domains), "the mixer's initial_proportions")
         try:
             if isinstance(config, Mapping):
-                return validate_proportions(self._by_domain(config, "initial_proportions"), name="initial_proportions")
+                return validate_proportions(in_domain_order(config, self.domains, "initial_proportions"),
+                                            name="initial_proportions")
             return validate_proportions(list(config), len(self.domains), "initial_proportions")
         except ValueError as error:
             raise ConfigError(str(error)) from None
-
-    def _by_domain(self, values: Mapping[str, float], key: str) -> np.ndarray:
-        unknown = sorted(set(values) - set(self.domains))
-        missing = [domain for domain in self.domains if domain not in values]
-        if unknown:
-            raise ConfigError(f"{key} names unknown domain(s) {unknown}; the mixer's domains are {self.domains}")
-        if missing:
-            raise ConfigError(f"{key} is missing domain(s) {missing}")
-        return np.array([float(values[domain]) for domain in self.domains])
 
     # ---------------------------------------------------------------------------------------- events
     def after_load(self, state: State, logger: Logger) -> None:
