@@ -18,11 +18,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from streaming import LocalDataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from drpruning.data.checks import check_tokenizer
-from drpruning.data.manifest import load_manifest
+from drpruning.data.manifest import load_manifest, open_split
 from drpruning.errors import ConfigError, DataDirError, report_error
 from drpruning.losses import next_token_losses
 
@@ -33,19 +32,10 @@ def load_domain_sequences(
     data_dir: str | Path, domain: str, split: str = "eval", max_sequences: int | None = None
 ) -> np.ndarray:
     """The packed token sequences [N, seq_len] of one domain's split, in stored order."""
-    manifest = load_manifest(data_dir)
-    entries = {entry["name"]: entry for entry in manifest["domains"]}
-    if domain not in entries:
-        raise ConfigError(f"domain {domain!r} is not in {Path(data_dir) / 'manifest.json'}; known: {list(entries)}")
-    if split not in entries[domain]:
-        raise ConfigError(f"domain {domain!r} has no {split!r} split in {data_dir}")
-    split_dir = Path(data_dir) / entries[domain][split]["path"]
-    if not (split_dir / "index.json").is_file():
-        raise DataDirError(f"no MDS index at {split_dir}: the data folder is incomplete")
-    dataset = LocalDataset(local=str(split_dir))
+    dataset = open_split(data_dir, load_manifest(data_dir), domain, split)
     count = len(dataset) if max_sequences is None else min(len(dataset), max_sequences)
     if count == 0:
-        raise ConfigError(f"{split_dir} holds no sequences")
+        raise ConfigError(f"{dataset.local} holds no sequences")
     return np.stack([np.asarray(dataset[i]["tokens"], dtype=np.int64) for i in range(count)])
 
 

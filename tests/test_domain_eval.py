@@ -79,7 +79,7 @@ def test_blocks_inside_a_list_expand_in_place(data_dir):
     "block, message",
     [
         ({"domains": ["poetry"]}, r"unknown domain\(s\) \['poetry'\].*known domains: \['prose', 'code', 'math'\]"),
-        ({"split": "validation"}, "no MDS split at"),
+        ({"split": "validation"}, "domain_eval: domain .* has no .validation. split"),
         ({"shuffle": True}, r"unknown key\(s\) \['shuffle'\]"),
         ({"max_seq_len": 64}, "exceeds the prepared seq_len 32"),
     ],

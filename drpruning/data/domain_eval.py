@@ -23,9 +23,9 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase
 
 from drpruning.data.checks import check_seq_len, check_tokenizer, tokenizer_from_config
-from drpruning.data.manifest import load_manifest, select_domains
+from drpruning.data.manifest import load_manifest, open_split, select_domains
 from drpruning.data.remote import fetch_manifest, join_remote
-from drpruning.errors import ConfigError, DataDirError
+from drpruning.errors import ConfigError
 
 BLOCK_NAME = "domain_eval"
 _BLOCK_KEYS = {
@@ -69,9 +69,11 @@ def domain_eval_loaders(
         check_tokenizer(manifest, data_dir, tokenizer, "domain_eval")
     loaders = []
     for domain in selected:
-        split_dir = Path(data_dir) / domain / split
-        if remote is None and not (split_dir / "index.json").is_file():
-            raise DataDirError(f"domain_eval: no MDS split at {split_dir}")
+        if remote is None:  # streaming reads it; check first what it would fail on less clearly
+            try:
+                open_split(data_dir, manifest, domain, split)
+            except ConfigError as error:
+                raise type(error)(f"domain_eval: {error}") from None
         multiprocess = num_workers > 0
         loaders.append({
             "label": domain,

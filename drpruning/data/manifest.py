@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from streaming import LocalDataset
 
 from drpruning.errors import ConfigError, DataDirError
 
@@ -46,3 +47,17 @@ def select_domains(manifest: dict[str, Any], domains: Sequence[str] | None, data
     if not selected or len(set(selected)) != len(selected):
         raise ConfigError(f"domains must be a non-empty list without repeats, got {selected}")
     return selected
+
+
+def open_split(data_dir: str | Path, manifest: dict[str, Any], domain: str, split: str) -> LocalDataset:
+    """One domain's prepared split (a local MDS folder) for reading, after checking that the manifest lists
+    the domain and the split and that its index is there. Every local reader of prepared data opens it here."""
+    entries = {entry["name"]: entry for entry in manifest["domains"]}
+    if domain not in entries:
+        raise ConfigError(f"domain {domain!r} is not in {Path(data_dir) / MANIFEST_NAME}; known: {list(entries)}")
+    if split not in entries[domain]:
+        raise ConfigError(f"domain {domain!r} has no {split!r} split in {data_dir}")
+    folder = Path(data_dir) / entries[domain][split]["path"]
+    if not (folder / "index.json").is_file():
+        raise DataDirError(f"no MDS index at {folder}: the data folder is incomplete")
+    return LocalDataset(local=str(folder))

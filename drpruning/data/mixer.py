@@ -21,13 +21,12 @@ import torch
 from composer.core import DataSpec
 from composer.utils import dist
 from llmfoundry.data.utils import get_tokens_per_batch_func
-from streaming import LocalDataset
 from streaming.base.util import bytes_to_int
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from transformers import PreTrainedTokenizerBase
 
 from drpruning.data.checks import check_seq_len, check_tokenizer
-from drpruning.data.manifest import load_manifest, select_domains
+from drpruning.data.manifest import load_manifest, open_split, select_domains
 from drpruning.data.mixture_plan import MixturePlan
 from drpruning.data.remote import (
     DEFAULT_DOWNLOAD_RETRY,
@@ -93,7 +92,7 @@ class DomainMixtureDataset(Dataset):
         self.seed = seed
         self.remote = remote
         self.readers = [
-            LocalDataset(local=str(self.data_dir / d / split)) if remote is None
+            open_split(self.data_dir, manifest, d, split) if remote is None
             else CachedSplit(join_remote(remote, d), self.data_dir / d, split, download_timeout, download_retry)
             for d in selected
         ]

@@ -14,13 +14,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from streaming import LocalDataset
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
 from drpruning.data.checks import check_tokenizer
-from drpruning.data.manifest import load_manifest, select_domains
-from drpruning.errors import CalibrationError
+from drpruning.data.manifest import load_manifest, open_split, select_domains
+from drpruning.errors import CalibrationError, ConfigError
 
 LAYER_MEASURES = ("cosine", "drop_loss")
 
@@ -106,7 +105,6 @@ def calibration_sequences(config: CalibrationConfig) -> tuple[Tensor, dict[str, 
         domains = select_domains(manifest, config.domains, config.data_dir)
     except (FileNotFoundError, ValueError) as error:
         raise CalibrationError(f"calibration data: {error}") from None
-    entries = {entry["name"]: entry for entry in manifest["domains"]}
     seq_len = int(manifest["seq_len"])
     length = seq_len if config.max_seq_len is None else min(seq_len, config.max_seq_len)
     share, extra = divmod(config.num_sequences, len(domains))
@@ -117,13 +115,10 @@ def calibration_sequences(config: CalibrationConfig) -> tuple[Tensor, dict[str, 
         counts[domain] = count
         if count == 0:
             continue
-        if config.split not in entries[domain]:
-            raise CalibrationError(f"calibration data: domain {domain!r} has no {config.split!r} split in "
-                                   f"{config.data_dir}")  # fmt: skip
-        split_dir = Path(config.data_dir) / entries[domain][config.split]["path"]
-        if not (split_dir / "index.json").is_file():
-            raise CalibrationError(f"calibration data: no MDS index at {split_dir}")
-        reader = LocalDataset(local=str(split_dir))
+        try:
+            reader = open_split(config.data_dir, manifest, domain, config.split)
+        except ConfigError as error:
+            raise CalibrationError(f"calibration data: {error}") from None
         if len(reader) < count:
             raise CalibrationError(f"calibration data: domain {domain!r} has {len(reader)} {config.split} "
                                    f"sequences, fewer than the {count} asked for")  # fmt: skip
