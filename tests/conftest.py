@@ -6,8 +6,10 @@ Helpers that tests import (the repository root, a `composer` launch) are in test
 from __future__ import annotations
 
 import importlib.metadata
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -44,3 +46,19 @@ def s3_bucket() -> Iterator[str]:
     """An S3-compatible server (moto's) on loopback for the whole session; yields an `s3://` bucket URL."""
     with local_s3_bucket("drpruning-tests") as url:
         yield url
+
+
+@pytest.fixture(autouse=True)
+def _processes_only_in_slow_tests(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A test that starts a process (a `composer` launch, a script) must be marked `slow`, so that
+    `make test-fast` leaves it out; the S3 server fixture's process is no such test."""
+    if request.node.get_closest_marker("slow") is not None:
+        return
+    start = subprocess.Popen.__init__
+
+    def refuse(self: subprocess.Popen, args: Any, *rest: Any, **kwargs: Any) -> None:
+        if "moto.server" not in (args if isinstance(args, list | tuple) else [args]):
+            raise AssertionError(f"{request.node.nodeid} starts a process ({args!r}) but is not marked slow")
+        start(self, args, *rest, **kwargs)
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", refuse)

@@ -78,6 +78,7 @@ def test_tiny_task_file_is_well_formed() -> None:
         assert 0 <= row["gold"] < len(row["choices"]) and len(set(row["choices"])) == len(row["choices"])
 
 
+@pytest.mark.slow  # starts a process
 def test_icl_accuracy_matches_scores_computed_by_hand(tmp_path: Path) -> None:
     """The reported accuracy is the one the model's own choice scores imply, on a task labelled from them."""
     model_dir = tmp_path / "exported"

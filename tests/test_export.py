@@ -247,6 +247,7 @@ def composer_logits(model: DRPruningCausalLM, ids: torch.Tensor) -> torch.Tensor
         model.l0_module.eval_masks = "current"
 
 
+@pytest.mark.slow  # starts a process
 def test_script_exports_a_real_checkpoint(pruning_run, tmp_path):
     run, composer_model = pruning_run
     out = tmp_path / "dense"
@@ -274,6 +275,7 @@ def test_script_exports_a_real_checkpoint(pruning_run, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "no staging folder may be left"
 
 
+@pytest.mark.slow  # starts a process
 def test_export_refuses_a_tokenizer_that_does_not_fit(pruning_run, tmp_path):
     run, composer_model = pruning_run
     vocab = composer_model.model.config.vocab_size

@@ -22,6 +22,7 @@ RUNNER = (
 
 
 @pytest.mark.parametrize("one_at_a_time", ["no", "yes"])
+@pytest.mark.slow  # starts a process
 def test_quick_mode_writes_one_table_without_composer(tmp_path, one_at_a_time):
     out = tmp_path / "gpu_check.md"
     result = subprocess.run(
@@ -46,6 +47,7 @@ def test_quick_mode_writes_one_table_without_composer(tmp_path, one_at_a_time):
     assert lines[-1] == "Composer/FSDP1 section: skipped (composer, llmfoundry, streaming not installed here)."
 
 
+@pytest.mark.slow  # starts a process
 def test_full_mode_without_cuda_is_one_clear_error(tmp_path):
     result = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--out", str(tmp_path / "x.md")],

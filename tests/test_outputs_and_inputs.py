@@ -88,6 +88,7 @@ def test_output_through_a_symlink_is_written_into_its_target(tokenizer, tmp_path
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "no staging folder may be left"
 
 
+@pytest.mark.slow  # starts a process
 def test_output_onto_a_mount_point(tokenizer, tmp_path):
     mount = tmp_path / "mnt"
     mount.mkdir()
@@ -126,6 +127,7 @@ def test_unwritable_or_full_outputs_fail_in_one_line_before_the_work(tokenizer, 
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow  # starts a process
 def test_staging_of_a_dead_process_is_removed_by_the_next_run(tmp_path):
     out = tmp_path / "out"
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)

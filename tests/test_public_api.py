@@ -26,6 +26,7 @@ def test_every_public_name_resolves(name: str) -> None:
         package.no_such_name  # noqa: B018
 
 
+@pytest.mark.slow  # starts a process
 def test_shapes_masks_and_distributions_import_without_composer() -> None:
     """benchmarks/gpu_check.py imports these on a machine with torch and transformers but no Composer."""
     code = ("import sys, drpruning.pruning, drpruning.pruning.masks, drpruning.pruning.shapes, drpruning.pruning.prunable, "

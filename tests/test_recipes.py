@@ -131,7 +131,7 @@ def prepared_domains(path: Path, request: pytest.FixtureRequest) -> list[str] | 
 
 def stub_data_dir(root: Path, domains: list[str], seq_len: int) -> Path:
     """A `prepare_data`-shaped folder with just what the `domain_eval` transform reads (no tokens)."""
-    manifest = {"seq_len": seq_len, "domains": [{"name": domain} for domain in domains]}
+    manifest = {"seq_len": seq_len, "domains": [{"name": d, "eval": {"path": f"{d}/eval"}} for d in domains]}
     root.mkdir(parents=True)
     (root / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
     for domain in domains:

@@ -335,6 +335,7 @@ def test_upload_prepared_copies_the_folder_manifest_last(prepared, tmp_path):
         upload_prepared(tmp_path / "bucket", str(tmp_path / "other"))
 
 
+@pytest.mark.slow  # starts a process
 def test_prepare_data_script_writes_straight_to_a_remote(prepared, tmp_path):
     corpus, tokenizer = prepared.parent / "corpus", prepared.parent / "tokenizer"
     target = tmp_path / "bucket"

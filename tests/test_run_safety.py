@@ -36,6 +36,7 @@ def _crafted(path: Path, marker: Path, wrap=lambda payload: {"state": {"model": 
     return path
 
 
+@pytest.mark.slow  # starts a process
 def test_crafted_checkpoint_runs_no_code_on_export(tmp_path):
     marker = tmp_path / "pwned"
     evil = _crafted(tmp_path / "evil.pt", marker)
@@ -112,6 +113,7 @@ time.sleep(600)
 """
 
 
+@pytest.mark.slow  # starts a process
 def test_run_lock_refuses_a_second_writer_and_dies_with_its_process(tmp_path):
     folder = tmp_path / "run"
     holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(folder)], cwd=REPO, stdout=subprocess.PIPE,

@@ -23,7 +23,7 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase
 
 from drpruning.data.checks import check_seq_len, check_tokenizer, tokenizer_from_config
-from drpruning.data.manifest import load_manifest, open_split, select_domains
+from drpruning.data.manifest import load_manifest, select_domains, split_folder
 from drpruning.data.remote import fetch_manifest, join_remote
 from drpruning.errors import ConfigError
 
@@ -71,7 +71,7 @@ def domain_eval_loaders(
     for domain in selected:
         if remote is None:  # streaming reads it; check first what it would fail on less clearly
             try:
-                open_split(data_dir, manifest, domain, split)
+                split_folder(data_dir, manifest, domain, split)
             except ConfigError as error:
                 raise type(error)(f"domain_eval: {error}") from None
         multiprocess = num_workers > 0

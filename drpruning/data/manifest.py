@@ -49,9 +49,9 @@ def select_domains(manifest: dict[str, Any], domains: Sequence[str] | None, data
     return selected
 
 
-def open_split(data_dir: str | Path, manifest: dict[str, Any], domain: str, split: str) -> LocalDataset:
-    """One domain's prepared split (a local MDS folder) for reading, after checking that the manifest lists
-    the domain and the split and that its index is there. Every local reader of prepared data opens it here."""
+def split_folder(data_dir: str | Path, manifest: dict[str, Any], domain: str, split: str) -> Path:
+    """The folder of one domain's prepared split, after checking that the manifest lists the domain and the
+    split and that its MDS index is there. Every local reader of prepared data finds its split here."""
     entries = {entry["name"]: entry for entry in manifest["domains"]}
     if domain not in entries:
         raise ConfigError(f"domain {domain!r} is not in {Path(data_dir) / MANIFEST_NAME}; known: {list(entries)}")
@@ -60,4 +60,9 @@ def open_split(data_dir: str | Path, manifest: dict[str, Any], domain: str, spli
     folder = Path(data_dir) / entries[domain][split]["path"]
     if not (folder / "index.json").is_file():
         raise DataDirError(f"no MDS index at {folder}: the data folder is incomplete")
-    return LocalDataset(local=str(folder))
+    return folder
+
+
+def open_split(data_dir: str | Path, manifest: dict[str, Any], domain: str, split: str) -> LocalDataset:
+    """One domain's prepared split (a local MDS folder), checked by `split_folder`, open for reading."""
+    return LocalDataset(local=str(split_folder(data_dir, manifest, domain, split)))
