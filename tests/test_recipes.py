@@ -357,6 +357,6 @@ def test_pruning_and_continued_pretraining_agree(cpt_name: str) -> None:
     assert cpt["run_name"] != prune["run_name"]
     if not cpt_name.startswith("demo/"):
         # Continued pretraining starts from the dense export that the pruning recipe's comment names
-        # (scripts/demo.py passes the export it made; tests/test_demo.py checks that export's shape).
+        # (scripts/demo.py passes the export it made; tests/e2e/test_demo.py checks that export's shape).
         assert cpt["variables"]["pruned"] == f"models/{prune['run_name']}"
         assert cpt["model"]["pretrained_model_name_or_path"] == cpt["tokenizer"]["name"] == cpt["variables"]["pruned"]

@@ -25,7 +25,7 @@ from drpruning.pruning.prunable import MaskState, make_prunable
 from drpruning.pruning.shapes import PRUNING_MODULES, ModelShape
 from drpruning.safe_load import load_torch_file
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 ATOL = 1e-4
 MODELS = {
     "llama_mha": ("llama_mha", {}),

@@ -17,7 +17,7 @@ import pytest
 
 from drpruning.demo import corpus as demo_corpus
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MIN_DOCUMENTS = 100
 MIN_TEXT_BYTES = 1_000_000
 MAX_TOTAL_BYTES = 6_000_000

@@ -35,7 +35,7 @@ from drpruning.demo.local_s3 import s3_client
 from drpruning.demo.tiny import make_tiny_mds
 from drpruning.errors import ConfigError, RemoteDataError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SEQ_LEN, GLOBAL_BATCH = 32, 8
 DOMAINS = ["prose", "code", "math"]
 
