@@ -25,17 +25,23 @@ OUT/results.md (`--report-only` tabulates what has finished).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from a checkout: the drpruning next to it
 
+from drpruning.demo.pipeline import (  # noqa: E402
+    latest_hf_checkpoint,
+    logger,
+    run_logged,
+    stage as pipeline_stage,  # noqa: E402
+    train_command,
+)
 from drpruning.pruning.shapes import PRUNING_MODULES  # noqa: E402
 from drpruning.runs import (  # noqa: E402
     DATA_USAGE_FILE,
@@ -53,31 +59,8 @@ ONE_SHOT_CPT_POLICY = "drpruning"  # the demo's continued-pretraining schedule
 CALIBRATION = {"num_sequences": 32, "seed": 0}  # the defaults of drpruning.pruning.calibration.CalibrationConfig
 PRUNE_YAML, CPT_YAML = "yamls/demo/prune_smollm2.yaml", "yamls/demo/cpt_smollm2.yaml"
 TARGET = {"n_layers": 20, "hidden_size": 384, "n_heads": 6, "n_kv_heads": 2, "intermediate_size": 1024}
-
-
-def log(message: str) -> None:
-    print(f"[ablation {time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
-def stage(marker: Path, name: str, run: Callable[[], None]) -> None:
-    """Run `run` unless `marker` exists; the marker holds the stage's wall time in seconds."""
-    if marker.exists():
-        return
-    log(f"{name}: starting")
-    start = time.perf_counter()
-    run()
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text(f"{time.perf_counter() - start:.1f}\n")
-    log(f"{name}: finished in {time.perf_counter() - start:.0f} s")
-
-
-def run_logged(command: list[str], log_file: Path) -> None:
-    log_file.parent.mkdir(parents=True, exist_ok=True)
-    with log_file.open("w") as handle:
-        code = subprocess.run(command, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT).returncode
-    if code != 0:
-        tail = "".join(log_file.read_text().splitlines(keepends=True)[-30:])
-        raise SystemExit(f"command failed ({code}): {' '.join(command)}\n{tail}")
+log = logger("ablation")
+stage = functools.partial(pipeline_stage, log=log)
 
 
 def composer_train(yaml: str, model_dir: Path, save_folder: Path, steps: int, policy: str, seed: int,
@@ -90,21 +73,13 @@ def composer_train(yaml: str, model_dir: Path, save_folder: Path, steps: int, po
     ]
     if policy == "constant":
         overrides.append("callbacks.data_scheduler.reference_losses=null")
-    composer = str(Path(sys.executable).with_name("composer"))
-    run_logged([composer, "-n", str(args.ranks), "scripts/train.py", yaml, *overrides], log_file)
+    run_logged(train_command(yaml, overrides, args.ranks), log_file)
 
 
 def evaluate(model_dir: Path, data: Path, out: Path) -> None:
     from drpruning.evaluation import evaluate_domains
 
     out.write_text(json.dumps(evaluate_domains(str(model_dir), data, device="cpu"), indent=2) + "\n")
-
-
-def latest_hf_checkpoint(run: Path) -> Path:
-    folders = sorted((run / "huggingface").glob("ba*"), key=lambda p: int(p.name[2:]))
-    if not folders:
-        raise SystemExit(f"{run} holds no hf_checkpointer export")
-    return folders[-1]
 
 
 def scratch_model(source: Path, out: Path) -> None:

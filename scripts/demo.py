@@ -15,50 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
-import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from drpruning.demo.pipeline import latest_hf_checkpoint, logger, run_logged, stage, train_command
 
-PROGRESS = re.compile(r"\[(batch|eval_batch)=\d+/\d+\]|Eval metrics/eval/\S+/LanguageCrossEntropy")
-
-
-def log(message: str) -> None:
-    print(f"[demo {time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
-def stage(out: Path, name: str, run: Callable[[], None]) -> None:
-    """Run a stage unless its marker says a previous `make demo` finished it."""
-    marker = out / "stages" / f"{name}.done"
-    if marker.exists():
-        log(f"{name}: done before, reusing ({marker})")
-        return
-    log(f"{name}: starting")
-    start = time.perf_counter()
-    run()
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text(f"{time.perf_counter() - start:.1f}\n")
-    log(f"{name}: finished in {time.perf_counter() - start:.0f} s")
-
-
-def run_logged(command: list[str], log_file: Path) -> None:
-    """Run a command, keep its full output in `log_file`, echo progress lines; fail with the log's tail."""
-    log_file.parent.mkdir(parents=True, exist_ok=True)
-    log(f"$ {' '.join(command)}   (full log: {log_file})")
-    with log_file.open("w") as handle:
-        process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for line in process.stdout:
-            handle.write(line)
-            if PROGRESS.search(line):
-                print("    " + line.strip()[:160], flush=True)
-        code = process.wait()
-    if code != 0:
-        tail = "".join(log_file.read_text().splitlines(keepends=True)[-40:])
-        raise SystemExit(f"command failed with exit code {code}: {' '.join(command)}\n{tail}")
+log = logger("demo")
 
 
 def main() -> None:
@@ -68,7 +30,7 @@ def main() -> None:
     parser.add_argument("--ranks", type=int, default=2)
     args = parser.parse_args()
     out = args.out.resolve()
-    python, composer = sys.executable, str(Path(sys.executable).with_name("composer"))
+    python = sys.executable
     prune_steps, cpt_steps, interval = (4, 2, 2) if args.quick else (100, 40, 10)
     eval_sequences = 4 if args.quick else 8
 
@@ -84,21 +46,23 @@ def main() -> None:
         prepare_data({d: str(domain_path(d)) for d in domains()}, out / "source", out / "data", seq_len=128,
                      eval_sequences=eval_sequences, overwrite=True)
 
+    def logged(command: list[str], name: str) -> None:
+        log(f"$ {' '.join(command)}   (full log: {out / 'logs' / f'{name}.log'})")
+        run_logged(command, out / "logs" / f"{name}.log", echo=lambda line: print(line, flush=True))
+
     def train(name: str, yaml: str, model_dir: Path, steps: int) -> None:
-        run_logged([composer, "-n", str(args.ranks), "scripts/train.py", yaml, f"variables.source={model_dir}",
-                    f"variables.data={out / 'data'}", f"save_folder={out / name}", f"variables.steps={steps}",
-                    f"variables.update_interval={interval}", "save_overwrite=true", "autoresume=false"],
-                   out / "logs" / f"{name}.log")
+        logged(train_command(yaml, [f"variables.source={model_dir}", f"variables.data={out / 'data'}",
+                                    f"save_folder={out / name}", f"variables.steps={steps}",
+                                    f"variables.update_interval={interval}", "save_overwrite=true",
+                                    "autoresume=false"], args.ranks), name)
 
     def export() -> None:
-        run_logged([python, "scripts/prune_to_dense.py", str(out / "prune"), str(out / "pruned"), "--overwrite"],
-                   out / "logs" / "export.log")
+        logged([python, "scripts/prune_to_dense.py", str(out / "prune"), str(out / "pruned"), "--overwrite"], "export")
 
     def evaluate() -> None:
         from drpruning.evaluation import evaluate_domains
 
-        cpt_dirs = sorted((out / "cpt" / "huggingface").glob("ba*"), key=lambda p: int(p.name[2:]))
-        models = {"source": out / "source", "pruned": out / "pruned", "continued": cpt_dirs[-1]}
+        models = {"source": out / "source", "pruned": out / "pruned", "continued": latest_hf_checkpoint(out / "cpt")}
         results = {name: evaluate_domains(str(path), out / "data") for name, path in models.items()}
         (out / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
 
@@ -107,14 +71,18 @@ def main() -> None:
 
         write_report(out)
 
-    stage(out, "source", source)
-    stage(out, "data", data)
     prune_yaml, cpt_yaml = "yamls/demo/prune_smollm2.yaml", "yamls/demo/cpt_smollm2.yaml"
-    stage(out, "prune", lambda: train("prune", prune_yaml, out / "source", prune_steps))
-    stage(out, "export", export)
-    stage(out, "cpt", lambda: train("cpt", cpt_yaml, out / "pruned", cpt_steps))
-    stage(out, "eval", evaluate)
-    stage(out, "report", report)
+    stages = {
+        "source": source,
+        "data": data,
+        "prune": lambda: train("prune", prune_yaml, out / "source", prune_steps),
+        "export": export,
+        "cpt": lambda: train("cpt", cpt_yaml, out / "pruned", cpt_steps),
+        "eval": evaluate,
+        "report": report,
+    }
+    for name, run in stages.items():
+        stage(out / "stages" / f"{name}.done", name, run, log)
     log(f"report: {out / 'report.md'}")
 
 

@@ -4,19 +4,18 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from drpruning.demo.pipeline import REPO, train_command
+
+__all__ = ["REPO", "run_training"]
 
 
 def run_training(yaml: str, overrides: list[str], *, ranks: int = 2, env: dict[str, str] | None = None,
                  timeout: int = 900) -> subprocess.CompletedProcess:
     """`composer -n ranks scripts/train.py yaml overrides...` from the repo root; fails the test with the log."""
-    launcher = Path(sys.executable).with_name("composer")
-    command = [str(launcher), "-n", str(ranks), "scripts/train.py", yaml, *overrides]
+    command = train_command(yaml, overrides, ranks)
     result = subprocess.run(
         command, cwd=REPO, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=timeout
     )
