@@ -110,7 +110,8 @@ class PruningCallback(Callback):
             self._l0_groups = check_optimizer_groups(model, state.optimizers[0])
         if l0.init == "importance":
             self._order_gates(state, model, l0)
-        replicate_(l0, state.device.tensor_to_device(torch.empty(0)).device)
+        # Under DDP the wrapping copies rank 0's parameters (the L0 module's included); FSDP leaves it out.
+        replicate_(l0, state.device.tensor_to_device(torch.empty(0)).device, broadcast=state.fsdp_config is not None)
         replace_gradient_clipping_(state, self.clip_l0_gradients)
 
     def _order_gates(self, state: State, model: Any, l0: L0Module) -> None:

@@ -39,15 +39,20 @@ L0_PREFIX = "l0_module."
 
 
 @torch.no_grad()
-def replicate_(l0: L0Module, device: torch.device) -> None:
-    """Materialise meta parameters, move to `device`, and make every rank hold rank 0's values."""
+def replicate_(l0: L0Module, device: torch.device, broadcast: bool = True) -> None:
+    """Materialise meta parameters, move to `device`, and make every rank hold rank 0's values (one
+    broadcast; `broadcast=False` under DDP, whose wrapping copies rank 0's parameters already)."""
     if any(p.is_meta for p in l0.parameters()):
         l0.to_empty(device=device)
         l0.reset_parameters()  # rank 0's real values (its importance order) arrive by the broadcast below
     l0.to(device)
-    if dist.get_world_size() > 1:
-        for param in l0.parameters():
-            dist.broadcast(param.data, src=0)
+    if broadcast and dist.get_world_size() > 1:
+        params = list(l0.parameters())
+        with torch.no_grad():
+            flat = torch.cat([p.reshape(-1) for p in params])
+            dist.broadcast(flat, src=0)
+            for p, value in zip(params, flat.split([p.numel() for p in params]), strict=True):
+                p.copy_(value.view_as(p))
 
 
 @torch.no_grad()
