@@ -62,3 +62,14 @@ def _processes_only_in_slow_tests(request: pytest.FixtureRequest, monkeypatch: p
         start(self, args, *rest, **kwargs)
 
     monkeypatch.setattr(subprocess.Popen, "__init__", refuse)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """Tiny matmuls: extra intra-op threads only contend on the shared CI cores (about 8x slower)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -48,13 +48,7 @@ MATRIX = [(m, s) for m in SUBSET_MODELS for s in SUBSETS] + [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls: extra intra-op threads only contend on the shared CI cores (about 8x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
