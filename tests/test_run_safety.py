@@ -14,6 +14,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from drpruning.demo.pipeline import train_command
 from drpruning.errors import CalibrationError, ConfigError, UnsafeFileError
 from drpruning.launch import LOCK_FILE, acquire_run_lock, choose_resume_checkpoint
 from drpruning.pruning.importance import Importance
@@ -139,17 +140,16 @@ def test_two_real_runs_on_one_folder(tiny_assets, tmp_path):
     run = tmp_path / "run"
     common = [f"variables.assets={tiny_assets}", f"save_folder={run}", "eval_interval=1000ba",
               "callbacks.data_scheduler.update_interval=1000"]  # fmt: skip
-    launcher = str(Path(sys.executable).with_name("composer"))
-    first = subprocess.Popen([launcher, "-n", "2", "scripts/train.py", "yamls/tiny/prune_qwen2.yaml", *common,
-                              "max_duration=5000ba", "save_interval=10ba"], cwd=REPO,
+    yaml = "yamls/tiny/prune_qwen2.yaml"
+    first = subprocess.Popen(train_command(yaml, [*common, "max_duration=5000ba", "save_interval=10ba"]), cwd=REPO,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
     try:
         deadline = time.monotonic() + 600
         while not list(run.glob("ep0-ba*-rank0.pt")):
             assert first.poll() is None and time.monotonic() < deadline, "the first run did not get going"
             time.sleep(1)
-        second = subprocess.run([launcher, "-n", "2", "scripts/train.py", "yamls/tiny/prune_qwen2.yaml", *common,
-                                 "max_duration=20ba"], cwd=REPO, capture_output=True, text=True, timeout=600)  # fmt: skip
+        second = subprocess.run(train_command(yaml, [*common, "max_duration=20ba"]), cwd=REPO, capture_output=True,
+                                text=True, timeout=600)
         assert first.poll() is None, "the first run must still be running"
         assert second.returncode == 2
         errors = [line for line in (second.stdout + second.stderr).splitlines() if line.startswith("error:")]

@@ -45,11 +45,6 @@ class ShardCache:
         self._lock = threading.Lock()
         self._warned = False
 
-    @property
-    def cached_bytes(self) -> int:
-        with self._lock:
-            return sum(self._cached.values())
-
     def update(self, in_use: Sequence[np.ndarray], upcoming: Sequence[np.ndarray]) -> None:
         """`in_use[d]`: shards of domain d the batch just handed out reads; `upcoming[d]`: the shards its next
         samples read, first needed first. Starts their downloads, then evicts down to the limit."""
@@ -70,11 +65,6 @@ class ShardCache:
             pending = list(self._pending.values())
         for future in pending:
             future.exception()
-
-    def close(self) -> None:
-        if self._executor is not None:
-            self._executor.shutdown(wait=True, cancel_futures=True)
-            self._executor = None
 
     def _touch(self, key: tuple[int, int]) -> None:
         """Record that the shard is (or is about to be) in the cache, as the most recently used."""
