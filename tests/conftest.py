@@ -6,7 +6,9 @@ Helpers that tests import (the repository root, a `composer` launch) are in test
 from __future__ import annotations
 
 import importlib.metadata
+import shutil
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,24 @@ import pytest
 from drpruning.demo import smollm2
 from drpruning.demo.local_s3 import local_s3_bucket
 from drpruning.demo.tiny import make_tiny_assets
+
+MIN_FREE_DISK = 4 * 2**30
+"""The largest test (the quick demo: SmolLM2 checkpoints, about 2.5 GB) beside the session's SmolLM2 folder;
+a passing test's tmp_path is removed at its end (`tmp_path_retention_policy` in pyproject.toml)."""
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """A full disk fails the multi-process runs in ways that look like bugs (and can hang a rank): refuse
+    to start instead, naming the folder and the space needed."""
+    if session.config.option.collectonly:
+        return
+    folder = Path(session.config.option.basetemp or tempfile.gettempdir()).absolute()
+    while not folder.exists():  # --basetemp may not exist yet
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    if free < MIN_FREE_DISK:
+        pytest.exit(f"{folder} has {free / 2**30:.1f} GiB free; the tests need {MIN_FREE_DISK / 2**30:.0f} GiB "
+                    "(set TMPDIR or --basetemp to a folder with more)", returncode=1)
 
 
 @pytest.fixture(scope="session")
