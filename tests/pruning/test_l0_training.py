@@ -142,6 +142,9 @@ def _worker(rank: int, world: int, port: int, assets: Path, out: Path, check: st
     try:
         result = CHECKS[check](rank, assets)
         torch.save(result, out / f"rank{rank}.pt")
+        # gloo's worker thread may still be freeing the last all-reduce, whose tensor is a Python object:
+        # destroying the group then (holding the GIL, joining that thread) deadlocked. A barrier runs after it.
+        torch.distributed.barrier()
     finally:
         torch.distributed.destroy_process_group()
 
